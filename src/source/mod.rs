@@ -1,0 +1,166 @@
+//! Sample sources: WebDataset tar shards (local or over HTTP) and folders of images with a captions JSONL.
+//!
+//! [`resolve`] turns shard specifications (paths, globs, brace ranges, URLs, folders) into [`Shard`]s;
+//! [`Shard::open`] streams one shard's samples in file order as `Result<RawSample, SampleError>` items, one
+//! item per sample, so item `i` is sample `i` of the shard (after `skip`). [`ShardWriter`] writes shards in the
+//! same format.
+//!
+//! The WebDataset contract (how members group into samples, which member is the image) is documented in the
+//! design notes §5 and implemented in the `tar` submodule.
+
+mod folder;
+mod http;
+mod pack;
+mod spec;
+mod tar;
+
+use std::fs::File;
+use std::time::Duration;
+
+pub use folder::{FolderEntry, FolderShard};
+pub use pack::ShardWriter;
+pub use spec::{CAPTIONS_FILE, expand_braces, resolve};
+
+use self::folder::FolderReader;
+use self::http::HttpReader;
+use self::tar::{LocalMedium, Medium, StreamMedium, TarSamples};
+use crate::error::{Error, SampleError};
+use crate::sample::RawSample;
+
+/// Buffer between an HTTP body and the tar reader.
+const HTTP_BUFFER: usize = 1 << 20;
+
+/// One input shard: a WebDataset tar (local path or http(s) URL) or a slice of a folder + captions JSONL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shard {
+    /// A WebDataset tar: a local path or an `http://`/`https://` URL.
+    Tar(String),
+    /// A range of entries of a folder source.
+    Folder(FolderShard),
+}
+
+/// How shards are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Consecutive reconnect attempts (without progress) before an HTTP read or open fails (default 3).
+    pub http_retries: u32,
+    /// Timeout for connecting, for the response headers and for each socket read (default 30 s).
+    pub http_timeout: Duration,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self { http_retries: 3, http_timeout: Duration::from_secs(30) }
+    }
+}
+
+impl Shard {
+    /// Path or URL of a tar shard, or `"<jsonl path>[start..end]"` for a folder shard.
+    pub fn name(&self) -> String {
+        match self {
+            Shard::Tar(path) => path.clone(),
+            Shard::Folder(folder) => folder.name(),
+        }
+    }
+
+    /// Whether the shard is read over HTTP(S).
+    pub fn is_remote(&self) -> bool {
+        matches!(self, Shard::Tar(path) if spec::is_url(path))
+    }
+
+    /// Opens the byte stream of a tar shard.
+    fn open_medium(path: &str, opts: &ReadOptions) -> crate::Result<Box<dyn Medium>> {
+        let shard_err = |source| Error::Shard { shard: path.to_string(), source };
+        if spec::is_url(path) {
+            let reader = HttpReader::open(path, opts).map_err(shard_err)?;
+            Ok(Box::new(StreamMedium::new(std::io::BufReader::with_capacity(HTTP_BUFFER, reader))))
+        } else {
+            let file = File::open(path).map_err(shard_err)?;
+            Ok(Box::new(LocalMedium::new(file).map_err(shard_err)?))
+        }
+    }
+
+    /// Opens the shard and iterates its samples in file order.
+    ///
+    /// The first `skip` samples are skipped without reading their member data where the medium allows (local
+    /// tar: seek; HTTP: read and discard; folder: index). Open failure (missing file, HTTP 4xx, refused
+    /// connection after retries) -> [`Error::Shard`].
+    pub fn open(&self, skip: usize, opts: &ReadOptions) -> crate::Result<ShardReader> {
+        let inner = match self {
+            Shard::Tar(path) => {
+                let medium = Self::open_medium(path, opts)?;
+                Inner::Tar(TarSamples::new(medium, path.clone(), skip))
+            }
+            Shard::Folder(folder) => Inner::Folder(FolderReader::new(folder.clone(), skip)),
+        };
+        Ok(ShardReader { name: self.name(), inner })
+    }
+
+    /// Number of samples (items [`Shard::open`] yields with `skip = 0`), reading tar headers only (data is
+    /// sought over locally, read and discarded over HTTP).
+    pub fn count_samples(&self, opts: &ReadOptions) -> crate::Result<usize> {
+        match self {
+            Shard::Tar(path) => Ok(TarSamples::count(Self::open_medium(path, opts)?, path.clone())),
+            Shard::Folder(folder) => Ok(folder.len()),
+        }
+    }
+}
+
+/// The per-medium iterators behind a [`ShardReader`].
+enum Inner {
+    Tar(TarSamples<Box<dyn Medium>>),
+    Folder(FolderReader),
+}
+
+/// Iterator over one shard's samples.
+///
+/// Each sample, good or bad, is exactly one item, so item `i` is sample `skip + i` of the shard. After a
+/// `Truncated` item (the shard or connection ended inside a sample, or a header is corrupt) the reader ends.
+pub struct ShardReader {
+    name: String,
+    inner: Inner,
+}
+
+impl ShardReader {
+    /// Name of the shard being read (see [`Shard::name`]).
+    pub fn shard_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl std::fmt::Debug for ShardReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardReader").field("shard", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl Iterator for ShardReader {
+    type Item = Result<RawSample, SampleError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match &mut self.inner {
+            Inner::Tar(samples) => samples.next(),
+            Inner::Folder(reader) => reader.next(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+
+    #[test]
+    fn reader_is_send() {
+        assert_send::<ShardReader>();
+        assert_send::<Shard>();
+    }
+
+    #[test]
+    fn missing_file_is_shard_error() {
+        let shard = Shard::Tar("/nonexistent/x.tar".into());
+        assert!(matches!(shard.open(0, &ReadOptions::default()), Err(Error::Shard { .. })));
+        assert!(matches!(shard.count_samples(&ReadOptions::default()), Err(Error::Shard { .. })));
+    }
+}

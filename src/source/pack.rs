@@ -1,0 +1,157 @@
+//! Writing WebDataset shards, like Python `webdataset.ShardWriter`.
+//!
+//! Shards are named `{out_dir}/{prefix}-{000000}.tar`. A new shard starts after `max_count` samples, or when the
+//! next sample would push the current shard past `max_size` bytes (a sample bigger than `max_size` gets a shard
+//! of its own). Output is reproducible: members are written in the given order with mtime 0, mode 0o644 and
+//! uid/gid 0, so the same input gives byte-identical shards. Long member paths use the GNU long-name extension.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::tar::split_member_path;
+use crate::error::Error;
+
+/// Size of the end-of-archive marker (two zero blocks).
+const TRAILER: u64 = 1024;
+
+/// The shard being written.
+struct OpenShard {
+    path: PathBuf,
+    out: BufWriter<File>,
+    count: usize,
+    /// Bytes written so far, trailer excluded.
+    size: u64,
+}
+
+/// Writes samples into a numbered series of WebDataset tar shards.
+pub struct ShardWriter {
+    out_dir: PathBuf,
+    prefix: String,
+    max_count: usize,
+    max_size: u64,
+    current: Option<OpenShard>,
+    written: Vec<PathBuf>,
+}
+
+impl ShardWriter {
+    /// Creates `out_dir` if needed and prepares to write `{prefix}-000000.tar` and on. `max_count` must be at
+    /// least 1; `max_size` counts the whole tar file (headers, padding and end marker).
+    pub fn new(out_dir: impl AsRef<Path>, prefix: &str, max_count: usize, max_size: u64) -> crate::Result<Self> {
+        if max_count == 0 {
+            return Err(Error::Config(vec!["shard writer: max_count must be at least 1".into()]));
+        }
+        if prefix.is_empty() || prefix.contains('/') {
+            return Err(Error::Config(vec![format!("shard writer: bad prefix `{prefix}`")]));
+        }
+        let out_dir = out_dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(format!("creating `{}`", out_dir.display()), e))?;
+        Ok(Self { out_dir, prefix: prefix.to_string(), max_count, max_size, current: None, written: Vec::new() })
+    }
+
+    /// Serialises one sample's members as tar entries (no end marker).
+    fn encode(key: &str, members: &[(&str, &[u8])]) -> crate::Result<Vec<u8>> {
+        let invalid = |detail: String| Error::io(format!("writing sample `{key}`"), io::Error::other(detail));
+        if members.is_empty() {
+            return Err(invalid("a sample needs at least one member".into()));
+        }
+        let mut builder = ::tar::Builder::new(Vec::new());
+        for (ext, data) in members {
+            let path = format!("{key}.{ext}");
+            match split_member_path(&path) {
+                Some((k, e)) if k == key && e == *ext && !ext.is_empty() => {}
+                _ => {
+                    let why = format!("member `{path}` would not read back as key `{key}`, extension `{ext}`");
+                    return Err(invalid(why));
+                }
+            }
+            let mut header = ::tar::Header::new_gnu();
+            header.set_entry_type(::tar::EntryType::Regular);
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(0);
+            builder.append_data(&mut header, &path, *data).map_err(|e| invalid(e.to_string()))?;
+        }
+        let mut bytes = builder.into_inner().map_err(|e| invalid(e.to_string()))?;
+        // `into_inner` appended the end-of-archive marker; the shard gets one when it is closed.
+        bytes.truncate(bytes.len().saturating_sub(TRAILER as usize));
+        Ok(bytes)
+    }
+
+    /// Appends one sample: `members` are `(extension, data)` pairs written as `{key}.{extension}` in the given
+    /// order. The key must not contain a dot in its file part nor start it with a dot (it would not read back).
+    pub fn write(&mut self, key: &str, members: &[(&str, &[u8])]) -> crate::Result<()> {
+        let bytes = Self::encode(key, members)?;
+        let len = bytes.len() as u64;
+        let full = self.current.as_ref().is_some_and(|s| {
+            s.count >= self.max_count || s.size.saturating_add(len).saturating_add(TRAILER) > self.max_size
+        });
+        if full {
+            self.close_current()?;
+        }
+        if self.current.is_none() {
+            let path = self.out_dir.join(format!("{}-{:06}.tar", self.prefix, self.written.len()));
+            let file = File::create(&path).map_err(|e| Error::io(format!("creating `{}`", path.display()), e))?;
+            self.current = Some(OpenShard { path, out: BufWriter::new(file), count: 0, size: 0 });
+        }
+        if let Some(shard) = self.current.as_mut() {
+            shard.out.write_all(&bytes).map_err(|e| Error::io(format!("writing `{}`", shard.path.display()), e))?;
+            shard.count += 1;
+            shard.size += len;
+        }
+        Ok(())
+    }
+
+    /// Writes the end marker of the current shard and closes it.
+    fn close_current(&mut self) -> crate::Result<()> {
+        if let Some(mut shard) = self.current.take() {
+            let context = format!("writing `{}`", shard.path.display());
+            shard.out.write_all(&[0u8; TRAILER as usize]).map_err(|e| Error::io(context.clone(), e))?;
+            let file = shard.out.into_inner().map_err(|e| Error::io(context.clone(), e.into_error()))?;
+            file.sync_all().map_err(|e| Error::io(context, e))?;
+            self.written.push(shard.path);
+        }
+        Ok(())
+    }
+
+    /// Closes the last shard and returns the paths of every shard written, in order.
+    pub fn finish(mut self) -> crate::Result<Vec<PathBuf>> {
+        self.close_current()?;
+        Ok(std::mem::take(&mut self.written))
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        // Best effort: a writer dropped without `finish` still leaves a valid last shard.
+        let _ = self.close_current();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_keys_that_do_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = ShardWriter::new(dir.path(), "s", 10, 1 << 20).unwrap();
+        assert!(w.write("a.b", &[("jpg", b"x")]).is_err());
+        assert!(w.write("d/.hidden", &[("jpg", b"x")]).is_err());
+        assert!(w.write("k", &[]).is_err());
+        assert!(w.write("k", &[("", b"x")]).is_err());
+        w.write("dir.x/k", &[("seg.png", b"x")]).unwrap();
+        assert_eq!(w.finish().unwrap().len(), 1);
+        assert!(ShardWriter::new(dir.path(), "s", 0, 1).is_err());
+    }
+
+    #[test]
+    fn empty_writer_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = ShardWriter::new(dir.path(), "s", 10, 1 << 20).unwrap();
+        assert!(w.finish().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}

@@ -1,0 +1,642 @@
+//! WebDataset tar reading: a streaming tar header walker and the sample grouper on top of it.
+//!
+//! The walker parses 512-byte tar headers itself (with [`::tar::Header`] for the field layout) instead of using
+//! `tar::Archive`, for three reasons: the reader must own its input (`tar::Entries` borrows the archive), member
+//! data must be skipped without reading it (seek on a local file), and a member cut short must be an error (the
+//! `tar` crate returns short data without one). GNU long names (`L`) and PAX `path`/`size` records are honoured,
+//! as Python's `tarfile` does.
+//!
+//! Grouping follows Python `webdataset` exactly: a member path splits at the first dot of its file name into key
+//! and extension, a sample is a run of consecutive members with the same key, and non-regular entries, names
+//! whose file part has no dot or starts with a dot, and `__*__` meta names are skipped.
+//!
+//! Failure rules (stricter than `tarfile`, so that a cut shard never yields a silently incomplete sample): a member
+//! or its padding cut short, a corrupt or cut header, a read error, or input that ends without the end-of-archive
+//! marker make the sample in progress one `Truncated` item (key `"<shard>#<index>"` when no sample was in
+//! progress), after which the reader ends.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+
+use bytes::Bytes;
+
+use crate::error::{DropReason, SampleError};
+use crate::sample::RawSample;
+
+/// Size of a tar block.
+const BLOCK: u64 = 512;
+/// Largest GNU long name / PAX header accepted; bigger ones are treated as a corrupt header.
+const MAX_META_ENTRY: u64 = 1 << 20;
+/// Largest initial allocation for one member's data (the vector grows past it if the member is bigger).
+const MAX_PREALLOC: u64 = 64 << 20;
+/// Extensions (last component, lower-case) that mark the image member.
+pub(crate) const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// A byte source a tar shard is read from: a `Read` that can also skip bytes cheaply where the medium allows.
+pub(crate) trait Medium: Read + Send {
+    /// Skips up to `n` bytes and returns how many were skipped; fewer than `n` means the input ended.
+    fn skip(&mut self, n: u64) -> io::Result<u64>;
+}
+
+impl<M: Medium + ?Sized> Medium for Box<M> {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        (**self).skip(n)
+    }
+}
+
+/// A local file: skipping seeks, and the file length tells how much can be skipped.
+pub(crate) struct LocalMedium {
+    reader: BufReader<File>,
+    pos: u64,
+    len: u64,
+}
+
+impl LocalMedium {
+    /// Wraps an open file.
+    pub(crate) fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Self { reader: BufReader::with_capacity(256 << 10, file), pos: 0, len })
+    }
+}
+
+impl Read for LocalMedium {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Medium for LocalMedium {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        let k = n.min(self.len.saturating_sub(self.pos));
+        let step = i64::try_from(k).map_err(io::Error::other)?;
+        self.reader.seek_relative(step)?;
+        self.pos += k;
+        Ok(k)
+    }
+}
+
+/// Any stream (HTTP body, in-memory bytes): skipping reads and discards.
+pub(crate) struct StreamMedium<R> {
+    reader: R,
+}
+
+impl<R: Read + Send> StreamMedium<R> {
+    /// Wraps a reader.
+    pub(crate) fn new(reader: R) -> Self {
+        Self { reader }
+    }
+}
+
+impl<R: Read + Send> Read for StreamMedium<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl<R: Read + Send> Medium for StreamMedium<R> {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        io::copy(&mut (&mut self.reader).take(n), &mut io::sink())
+    }
+}
+
+/// A regular-file member that passed the WebDataset filters.
+#[derive(Debug, Clone)]
+struct Member {
+    /// Full member path as stored.
+    path: String,
+    /// Sample key (path up to the first dot of the file name).
+    key: String,
+    /// Extension after that dot, lower-cased (as `webdataset` does).
+    ext: String,
+    /// Data size in bytes.
+    size: u64,
+}
+
+/// Splits a member path into `(key, extension)` the way `webdataset.base_plus_ext` does, or `None` when the
+/// member must be skipped (no dot in the file name, a hidden file, or a `__*__` meta name).
+pub(crate) fn split_member_path(path: &str) -> Option<(String, String)> {
+    let (dir, file) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    let first = path.split('/').next().unwrap_or(path);
+    if first.len() >= 4 && first.starts_with("__") && first.ends_with("__") {
+        return None;
+    }
+    if file.starts_with('.') {
+        return None;
+    }
+    let dot = file.find('.')?;
+    Some((format!("{dir}{}", &file[..dot]), file[dot + 1..].to_string()))
+}
+
+/// Last component of an extension (`seg.png` -> `png`).
+fn last_ext(ext: &str) -> &str {
+    ext.rsplit('.').next().unwrap_or(ext)
+}
+
+/// Whether an extension's last component names an image format.
+pub(crate) fn is_image_ext(ext: &str) -> bool {
+    let last = last_ext(ext);
+    IMAGE_EXTS.iter().any(|e| last.eq_ignore_ascii_case(e))
+}
+
+/// Walks the headers of a tar stream and hands out WebDataset members.
+struct Walker<M> {
+    medium: M,
+    shard: String,
+    /// Bytes consumed from the start of the stream.
+    pos: u64,
+    /// Set once the end of the archive has been seen.
+    ended: bool,
+}
+
+impl<M: Medium> Walker<M> {
+    /// Reads as many bytes as possible into `buf`, stopping only at the end of input.
+    fn read_full(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = 0;
+        while got < buf.len() {
+            match self.medium.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pos += got as u64;
+        Ok(got)
+    }
+
+    /// Skips `n` bytes; returns how many were skipped.
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        let k = self.medium.skip(n)?;
+        self.pos += k;
+        Ok(k)
+    }
+
+    /// Skips the padding after the data of member `path` of `size` bytes; a cut inside it is an error too.
+    fn skip_padding(&mut self, path: &str, size: u64) -> Result<(), String> {
+        let pad = (BLOCK - size % BLOCK) % BLOCK;
+        let at = self.pos;
+        match self.skip(pad) {
+            Ok(k) if k == pad => Ok(()),
+            Ok(k) => Err(format!("shard cut in the padding after member `{path}` at byte {} ({k} of {pad})", at + k)),
+            Err(e) => Err(format!("read error in the padding after member `{path}` at byte {at}: {e}")),
+        }
+    }
+
+    /// Reads the whole data of a metadata entry (long name, PAX records).
+    fn read_meta_entry(&mut self, size: u64, what: &str, at: u64) -> Result<Vec<u8>, String> {
+        if size > MAX_META_ENTRY {
+            return Err(format!("corrupt tar header at byte {at}: {what} of {size} bytes"));
+        }
+        let mut buf = vec![0u8; size as usize];
+        let got = self.read_full(&mut buf).map_err(|e| format!("read error in {what} at byte {at}: {e}"))?;
+        if (got as u64) < size {
+            return Err(format!("shard cut inside {what} at byte {at} ({got} of {size} bytes)"));
+        }
+        self.skip_padding(what, size)?;
+        Ok(buf)
+    }
+
+    /// Returns the next member that passes the WebDataset filters, `Ok(None)` at the end of the archive, or an
+    /// error detail (without the shard name) for a corrupt or cut header.
+    fn next_member(&mut self) -> Result<Option<Member>, String> {
+        let mut long_name: Option<String> = None;
+        let mut pax_path: Option<String> = None;
+        let mut pax_size: Option<u64> = None;
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            let at = self.pos;
+            let mut block = [0u8; BLOCK as usize];
+            let got = self.read_full(&mut block).map_err(|e| format!("read error at byte {at}: {e}"))?;
+            if got == 0 {
+                // Python's tarfile tolerates this, but a shard cut at a block boundary looks exactly the same:
+                // the last sample may be incomplete, so it is not trusted.
+                return Err(format!("shard ends at byte {at} without the end-of-archive marker"));
+            }
+            if got < block.len() {
+                return Err(format!("shard cut inside a tar header at byte {at} ({got} of 512 bytes)"));
+            }
+            if block.iter().all(|&b| b == 0) {
+                self.ended = true;
+                return Ok(None);
+            }
+            let header = ::tar::Header::from_byte_slice(&block);
+            let stored = header.cksum().map_err(|e| format!("corrupt tar header at byte {at}: {e}"))?;
+            let computed: u32 = block
+                .iter()
+                .enumerate()
+                .map(|(i, &b)| if (148..156).contains(&i) { u32::from(b' ') } else { u32::from(b) })
+                .sum();
+            if stored != computed {
+                return Err(format!("corrupt tar header at byte {at}: checksum mismatch"));
+            }
+            let header_size = header.entry_size().map_err(|e| format!("corrupt tar header at byte {at}: {e}"))?;
+            let size = pax_size.take().unwrap_or(header_size);
+            let kind = header.entry_type().as_byte();
+            match kind {
+                b'L' => {
+                    let data = self.read_meta_entry(size, "GNU long name", at)?;
+                    let end = data.iter().position(|&b| b == 0).unwrap_or(data.len());
+                    long_name = Some(String::from_utf8_lossy(&data[..end]).into_owned());
+                    continue;
+                }
+                b'x' => {
+                    let data = self.read_meta_entry(size, "PAX header", at)?;
+                    for ext in ::tar::PaxExtensions::new(&data) {
+                        let ext = ext.map_err(|e| format!("corrupt PAX header at byte {at}: {e}"))?;
+                        match ext.key() {
+                            Ok("path") => pax_path = Some(String::from_utf8_lossy(ext.value_bytes()).into_owned()),
+                            Ok("size") => {
+                                let v = ext.value().ok().and_then(|v| v.parse::<u64>().ok());
+                                pax_size = Some(v.ok_or_else(|| format!("corrupt PAX size at byte {at}"))?);
+                            }
+                            _ => {}
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            let path = pax_path
+                .take()
+                .or_else(|| long_name.take())
+                .unwrap_or_else(|| String::from_utf8_lossy(&header.path_bytes()).into_owned());
+            long_name = None;
+            // Regular files: '0', '\0' (old tar, unless the name ends in '/': a directory) and '7' (contiguous).
+            let regular = matches!(kind, b'0' | b'7') || (kind == 0 && !path.ends_with('/'));
+            let split = if regular { split_member_path(&path) } else { None };
+            match split {
+                Some((key, ext)) => {
+                    return Ok(Some(Member { path, key, ext: ext.to_lowercase(), size }));
+                }
+                None => self.skip_data(&path, size)?,
+            }
+        }
+    }
+
+    /// Skips a member's data (and padding), checking that all of it is there.
+    fn skip_data(&mut self, path: &str, size: u64) -> Result<(), String> {
+        let at = self.pos;
+        let k = self.skip(size).map_err(|e| format!("member `{path}`: read error at byte {at}: {e}"))?;
+        if k < size {
+            return Err(format!("member `{path}` cut short: {k} of {size} bytes"));
+        }
+        self.skip_padding(path, size)?;
+        Ok(())
+    }
+
+    /// Reads a member's data whole (and skips its padding).
+    fn read_data(&mut self, member: &Member) -> Result<Vec<u8>, String> {
+        let size = member.size;
+        let mut data = Vec::with_capacity(size.min(MAX_PREALLOC) as usize);
+        let res = (&mut self.medium).take(size).read_to_end(&mut data);
+        self.pos += data.len() as u64;
+        if let Err(e) = res {
+            return Err(format!("member `{}` cut short: {} of {size} bytes: {e}", member.path, data.len()));
+        }
+        if (data.len() as u64) < size {
+            return Err(format!("member `{}` cut short: {} of {size} bytes", member.path, data.len()));
+        }
+        self.skip_padding(&member.path, size)?;
+        Ok(data)
+    }
+}
+
+/// Iterator over the samples of one tar shard; see the module docs for the grouping rules.
+pub(crate) struct TarSamples<M> {
+    walker: Walker<M>,
+    /// Header of the first member of the next sample, already read (its data is not).
+    pending: Option<Member>,
+    /// Index in the shard of the next sample to be yielded.
+    index: usize,
+    done: bool,
+}
+
+/// Outcome of walking over samples without reading their data.
+struct SkipOutcome {
+    /// Samples whose first member header was seen.
+    started: usize,
+    /// Whether the walk ended on a failure before any sample started (that failure is then one item itself).
+    failed_before_first: bool,
+}
+
+impl<M: Medium> TarSamples<M> {
+    /// Starts reading `medium` (named `shard` in every error), skipping the first `skip` samples without reading
+    /// their member data.
+    pub(crate) fn new(medium: M, shard: String, skip: usize) -> Self {
+        let mut samples =
+            Self { walker: Walker { medium, shard, pos: 0, ended: false }, pending: None, index: 0, done: false };
+        if skip > 0 {
+            let outcome = samples.walk(skip);
+            samples.index = skip;
+            if outcome.started < skip || samples.pending.is_none() {
+                // The shard has at most `skip` samples (or failed inside a skipped one): nothing left to yield.
+                samples.done = true;
+            }
+        }
+        samples
+    }
+
+    /// Counts the samples (items) of the shard, reading headers only.
+    pub(crate) fn count(medium: M, shard: String) -> usize {
+        let mut samples =
+            Self { walker: Walker { medium, shard, pos: 0, ended: false }, pending: None, index: 0, done: false };
+        let outcome = samples.walk(usize::MAX);
+        outcome.started + usize::from(outcome.failed_before_first)
+    }
+
+    /// Walks headers, skipping data, until the header of sample number `stop` is seen (kept in `pending`) or
+    /// the archive ends or fails.
+    fn walk(&mut self, stop: usize) -> SkipOutcome {
+        let mut started = 0usize;
+        let mut current: Option<String> = None;
+        loop {
+            let member = match self.walker.next_member() {
+                Ok(Some(m)) => m,
+                Ok(None) => return SkipOutcome { started, failed_before_first: false },
+                Err(_) => return SkipOutcome { started, failed_before_first: started == 0 },
+            };
+            if current.as_deref() != Some(member.key.as_str()) {
+                if started == stop {
+                    self.pending = Some(member);
+                    return SkipOutcome { started, failed_before_first: false };
+                }
+                started += 1;
+                current = Some(member.key.clone());
+            }
+            if self.walker.skip_data(&member.path, member.size).is_err() {
+                return SkipOutcome { started, failed_before_first: false };
+            }
+        }
+    }
+
+    /// A `Truncated` sample error; the detail is prefixed with the shard name.
+    fn truncated(&self, key: String, detail: &str) -> SampleError {
+        SampleError::new(key, DropReason::Truncated, format!("shard `{}`: {detail}", self.walker.shard))
+    }
+
+    /// Builds a sample from its used members, or the sample error explaining why it cannot be used.
+    fn assemble(
+        &self,
+        key: String,
+        image: Option<(String, Vec<u8>)>,
+        caption: Option<Vec<u8>>,
+        meta: Option<Vec<u8>>,
+    ) -> Result<RawSample, SampleError> {
+        let shard = &self.walker.shard;
+        let Some((image_ext, image)) = image else {
+            let detail = format!("shard `{shard}`: sample has no jpg/jpeg/png/webp member");
+            return Err(SampleError::new(key, DropReason::MissingImage, detail));
+        };
+        let caption = match caption.map(String::from_utf8).transpose() {
+            Ok(c) => c,
+            Err(e) => {
+                let detail = format!("shard `{shard}`: caption is not UTF-8: {e}");
+                return Err(SampleError::new(key, DropReason::InvalidCaption, detail));
+            }
+        };
+        let meta = match meta.map(|m| serde_json::from_slice::<serde_json::Value>(&m)).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                let detail = format!("shard `{shard}`: json member is not valid JSON: {e}");
+                return Err(SampleError::new(key, DropReason::StageFailed, detail));
+            }
+        };
+        Ok(RawSample { key, image: Bytes::from(image), image_ext, caption, meta })
+    }
+}
+
+impl<M: Medium> Iterator for TarSamples<M> {
+    type Item = Result<RawSample, SampleError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let index = self.index;
+        self.index += 1;
+        let mut member = match self.pending.take() {
+            Some(m) => m,
+            None => match self.walker.next_member() {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    self.done = true;
+                    return None;
+                }
+                Err(detail) => {
+                    self.done = true;
+                    let key = format!("{}#{index}", self.walker.shard);
+                    return Some(Err(self.truncated(key, &detail)));
+                }
+            },
+        };
+        let key = member.key.clone();
+        let mut image: Option<(String, Vec<u8>)> = None;
+        let mut caption: Option<Vec<u8>> = None;
+        let mut meta: Option<Vec<u8>> = None;
+        loop {
+            let wanted_image = image.is_none() && is_image_ext(&member.ext);
+            let wanted_caption = caption.is_none() && member.ext == "txt";
+            let wanted_meta = meta.is_none() && member.ext == "json";
+            let res = if wanted_image || wanted_caption || wanted_meta {
+                self.walker.read_data(&member).map(|data| {
+                    if wanted_image {
+                        image = Some((last_ext(&member.ext).to_string(), data));
+                    } else if wanted_caption {
+                        caption = Some(data);
+                    } else {
+                        meta = Some(data);
+                    }
+                })
+            } else {
+                self.walker.skip_data(&member.path, member.size)
+            };
+            if let Err(detail) = res {
+                self.done = true;
+                return Some(Err(self.truncated(key, &detail)));
+            }
+            match self.walker.next_member() {
+                Ok(Some(next)) if next.key == key => member = next,
+                Ok(Some(next)) => {
+                    self.pending = Some(next);
+                    break;
+                }
+                Ok(None) => {
+                    self.done = true;
+                    break;
+                }
+                Err(detail) => {
+                    // The sample may have had more members: it cannot be trusted.
+                    self.done = true;
+                    return Some(Err(self.truncated(key, &detail)));
+                }
+            }
+        }
+        Some(self.assemble(key, image, caption, meta))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+
+    use super::*;
+
+    /// Builds an in-memory tar with the given `(path, data)` regular members.
+    fn tar_bytes(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut builder = ::tar::Builder::new(Vec::new());
+        for (path, data) in members {
+            let mut header = ::tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(::tar::EntryType::Regular);
+            builder.append_data(&mut header, path, *data).unwrap();
+        }
+        builder.into_inner().unwrap()
+    }
+
+    fn read_all(bytes: Vec<u8>, skip: usize) -> Vec<Result<RawSample, SampleError>> {
+        TarSamples::new(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into(), skip).collect()
+    }
+
+    fn count(bytes: Vec<u8>) -> usize {
+        TarSamples::count(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into())
+    }
+
+    #[test]
+    fn split_rules() {
+        assert_eq!(split_member_path("a.b/c/k1.seg.png"), Some(("a.b/c/k1".into(), "seg.png".into())));
+        assert_eq!(split_member_path("k.jpg"), Some(("k".into(), "jpg".into())));
+        assert_eq!(split_member_path("dir/noext"), None);
+        assert_eq!(split_member_path("dir/.hidden.jpg"), None);
+        assert_eq!(split_member_path("__meta__"), None);
+        assert_eq!(split_member_path("__meta__/x.txt"), None);
+        assert_eq!(split_member_path("k."), Some(("k".into(), String::new())));
+    }
+
+    #[test]
+    fn image_ext_rules() {
+        assert!(is_image_ext("JPG"));
+        assert!(is_image_ext("seg.png"));
+        assert!(!is_image_ext("png.txt"));
+        assert!(!is_image_ext("gif"));
+    }
+
+    #[test]
+    fn groups_and_reads() {
+        let bytes = tar_bytes(&[
+            ("a.jpg", b"A"),
+            ("a.txt", b"cap a"),
+            ("a.json", b"{\"x\":1}"),
+            ("b.seg.png", b"SEG"),
+            ("b.png", b"B"),
+            ("b.cls", b"3"),
+        ]);
+        let items = read_all(bytes.clone(), 0);
+        assert_eq!(items.len(), 2);
+        let a = items[0].as_ref().unwrap();
+        assert_eq!((a.key.as_str(), &a.image[..], a.image_ext.as_str()), ("a", &b"A"[..], "jpg"));
+        assert_eq!(a.caption.as_deref(), Some("cap a"));
+        assert_eq!(a.meta, Some(serde_json::json!({"x": 1})));
+        let b = items[1].as_ref().unwrap();
+        assert_eq!((&b.image[..], b.image_ext.as_str()), (&b"SEG"[..], "png"));
+        assert_eq!(count(bytes), 2);
+    }
+
+    #[test]
+    fn cut_member_is_truncated() {
+        let mut bytes = tar_bytes(&[("a.jpg", &[1u8; 600]), ("b.jpg", &[2u8; 2000])]);
+        // a: header 0..512, data 512..1112, pad to 1536; b: header 1536..2048, data 2048..4048.
+        bytes.truncate(3000);
+        let items = read_all(bytes.clone(), 0);
+        assert_eq!(items.len(), 2);
+        assert!(items[0].is_ok());
+        let err = items[1].as_ref().unwrap_err();
+        assert_eq!(err.reason, DropReason::Truncated);
+        assert_eq!(err.key, "b");
+        assert!(err.detail.contains("mem.tar") && err.detail.contains("b.jpg"), "{}", err.detail);
+        assert_eq!(count(bytes.clone()), 2);
+        assert_eq!(read_all(bytes.clone(), 1).len(), 1);
+        assert_eq!(read_all(bytes, 2).len(), 0);
+    }
+
+    #[test]
+    fn corrupt_header_is_one_truncated_item() {
+        let mut bytes = tar_bytes(&[("a.jpg", b"A"), ("b.jpg", b"B"), ("c.jpg", b"C")]);
+        bytes[1024 + 10] ^= 0x55; // b's header
+        // `a` may have had more members after the corrupt header: it is the one Truncated item.
+        let items = read_all(bytes.clone(), 0);
+        assert_eq!(items.len(), 1);
+        let err = items[0].as_ref().unwrap_err();
+        assert_eq!((err.key.as_str(), err.reason), ("a", DropReason::Truncated));
+        assert!(err.detail.contains("mem.tar") && err.detail.contains("checksum"), "{}", err.detail);
+        assert_eq!(count(bytes.clone()), 1);
+        assert_eq!(read_all(bytes, 1).len(), 0);
+        // Corrupt first header: key is "<shard>#0".
+        let mut bytes = tar_bytes(&[("a.jpg", b"A")]);
+        bytes[3] ^= 0x55;
+        let items = read_all(bytes.clone(), 0);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].as_ref().unwrap_err().key, "mem.tar#0");
+        assert_eq!(count(bytes), 1);
+    }
+
+    #[test]
+    fn cut_header_is_truncated() {
+        let mut bytes = tar_bytes(&[("a.jpg", b"A"), ("b.jpg", b"B")]);
+        bytes.truncate(1024 + 100);
+        let items = read_all(bytes.clone(), 0);
+        assert_eq!(items.len(), 1);
+        let err = items[0].as_ref().unwrap_err();
+        assert_eq!((err.key.as_str(), err.reason), ("a", DropReason::Truncated));
+        assert_eq!(count(bytes), 1);
+    }
+
+    #[test]
+    fn missing_end_marker_or_cut_padding_is_truncated() {
+        let bytes = tar_bytes(&[("a.jpg", b"A"), ("a.txt", b"T")]);
+        // Cut right after a.jpg's padding (a header boundary) and inside a.txt's padding.
+        for cut in [1024, 1024 + 512 + 100] {
+            let items = read_all(bytes[..cut].to_vec(), 0);
+            assert_eq!(items.len(), 1, "cut {cut}");
+            let err = items[0].as_ref().unwrap_err();
+            assert_eq!((err.key.as_str(), err.reason), ("a", DropReason::Truncated), "cut {cut}");
+            assert_eq!(count(bytes[..cut].to_vec()), 1);
+        }
+        // Without the end marker but otherwise whole: still not trusted.
+        let whole = bytes.len() - 1024;
+        assert!(read_all(bytes[..whole].to_vec(), 0)[0].is_err());
+        // An empty file is one truncated item named after the shard.
+        let items = read_all(Vec::new(), 0);
+        assert_eq!(items[0].as_ref().unwrap_err().key, "mem.tar#0");
+        // The full archive reads fine.
+        assert!(read_all(bytes, 0)[0].is_ok());
+    }
+
+    #[test]
+    fn long_names_are_read() {
+        let long = format!("{}/key.jpg", "d".repeat(150));
+        let bytes = tar_bytes(&[(long.as_str(), b"X")]);
+        let items = read_all(bytes, 0);
+        assert_eq!(items[0].as_ref().unwrap().key, format!("{}/key", "d".repeat(150)));
+    }
+
+    #[test]
+    fn pax_path_is_honoured() {
+        let mut builder = ::tar::Builder::new(Vec::new());
+        builder.append_pax_extensions([("path", &b"pax/name.jpg"[..])]).unwrap();
+        let mut header = ::tar::Header::new_ustar();
+        header.set_size(1);
+        header.set_entry_type(::tar::EntryType::Regular);
+        builder.append_data(&mut header, "short.jpg", &b"P"[..]).unwrap();
+        let items = read_all(builder.into_inner().unwrap(), 0);
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].as_ref().unwrap().key, "pax/name");
+    }
+}
