@@ -1,0 +1,312 @@
+//! The `juicer` command line: `run` streams the pipeline over shards and reports what it did; `pack` turns a
+//! folder of images + captions JSONL into WebDataset shards.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use juicer::source::{Shard, ShardWriter, resolve};
+use juicer::{DeviceSpec, EpochSize, JuicedBatch, OnError, SampleError, Summary};
+
+#[derive(Parser)]
+#[command(name = "juicer", version, about = "Token-level data governance for image-text data, inside the training loop")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream the pipeline over SOURCES and print a summary (and per-sample records with --jsonl).
+    Run(RunArgs),
+    /// Pack a folder of images + captions JSONL into WebDataset tar shards.
+    Pack(PackArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ErrorPolicy {
+    Drop,
+    Fail,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EpochPolicy {
+    Auto,
+    Exhaust,
+    Drop,
+    Repeat,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Shards: paths, globs, brace ranges (`shards-{000000..000009}.tar`), http(s) URLs, or a folder with captions.jsonl.
+    #[arg(required = true)]
+    sources: Vec<String>,
+    /// Write one JSON record per sample to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE|-")]
+    jsonl: Option<String>,
+    /// Stop after N samples.
+    #[arg(long)]
+    limit: Option<u64>,
+    /// Seed of shard order, shuffle buffer and every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Model input side: resize the short side, centre crop.
+    #[arg(long, default_value_t = 224)]
+    image_size: usize,
+    /// Patch side in pixels.
+    #[arg(long, default_value_t = 16)]
+    patch_size: usize,
+    /// Shuffle buffer in samples (0: keep the read order).
+    #[arg(long, default_value_t = 0)]
+    shuffle_buffer: usize,
+    /// Shuffle the shard order.
+    #[arg(long)]
+    shuffle_shards: bool,
+    /// Rank of this process (default: RANK, then SLURM_PROCID, else 0).
+    #[arg(long)]
+    rank: Option<usize>,
+    /// Number of processes (default: WORLD_SIZE, then SLURM_NTASKS, else 1).
+    #[arg(long)]
+    world_size: Option<usize>,
+    /// Epoch length across ranks.
+    #[arg(long, value_enum, default_value = "auto")]
+    epoch_size: EpochPolicy,
+    /// Device for the batches: auto, cpu, wgpu, wgpu:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Decode workers (default: cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Shard reader workers.
+    #[arg(long, default_value_t = 2)]
+    readers: usize,
+    /// Slots per graph edge.
+    #[arg(long, default_value_t = 16)]
+    capacity: usize,
+    /// What to do with a bad sample.
+    #[arg(long, value_enum, default_value = "drop")]
+    on_error: ErrorPolicy,
+}
+
+#[derive(Args)]
+struct PackArgs {
+    /// A folder containing captions.jsonl, or a .jsonl file.
+    source: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Shard file prefix: PREFIX-000000.tar, ...
+    #[arg(long, default_value = "shard")]
+    prefix: String,
+    /// Samples per shard.
+    #[arg(long, default_value_t = 1000)]
+    max_count: usize,
+    /// Bytes per shard.
+    #[arg(long, default_value_t = 1 << 30)]
+    max_size: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(args),
+        Command::Pack(args) => pack(args),
+    }
+}
+
+fn record_dropped(e: &SampleError) -> serde_json::Value {
+    serde_json::json!({ "key": e.key, "dropped": e.reason.as_str(), "detail": e.detail })
+}
+
+fn records(batch: &JuicedBatch) -> impl Iterator<Item = serde_json::Value> + '_ {
+    batch.keys.iter().zip(&batch.captions).map(|(key, caption)| {
+        serde_json::json!({
+            "key": key,
+            "grid": [batch.grid.0, batch.grid.1],
+            "patch": batch.patch,
+            "caption": caption,
+        })
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let device: DeviceSpec = args.device.parse()?;
+    let mut builder = JuicedBatch::builder(args.sources.clone())
+        .seed(args.seed)
+        .batch_size(args.batch_size)
+        .image_size(args.image_size)
+        .patch_size(args.patch_size)
+        .shuffle_buffer(args.shuffle_buffer)
+        .shuffle_shards(args.shuffle_shards)
+        .reader_workers(args.readers)
+        .capacity(args.capacity)
+        .device(device)
+        .on_error(match args.on_error {
+            ErrorPolicy::Drop => OnError::Drop,
+            ErrorPolicy::Fail => OnError::Fail,
+        })
+        .epoch_size(match args.epoch_size {
+            EpochPolicy::Auto => EpochSize::Auto,
+            EpochPolicy::Exhaust => EpochSize::Exhaust,
+            EpochPolicy::Drop => EpochSize::DropRemainder,
+            EpochPolicy::Repeat => EpochSize::RepeatRemainder,
+        });
+    if let Some(w) = args.workers {
+        builder = builder.decode_workers(w);
+    }
+    if let Some(l) = args.limit {
+        builder = builder.limit(l);
+    }
+    if let Some(r) = args.rank {
+        builder = builder.rank(r);
+    }
+    if let Some(w) = args.world_size {
+        builder = builder.world_size(w);
+    }
+    let loader = builder.build()?;
+    let mut out: Option<Box<dyn Write>> = match args.jsonl.as_deref() {
+        None => None,
+        Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
+        Some(path) => Some(Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {path}"))?,
+        ))),
+    };
+    let total = loader.epoch_samples(0).ok();
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} samples {per_sec} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    } else {
+        None
+    };
+    let mut it = loader.iter()?;
+    let mut failures = 0u64;
+    while let Some(item) = it.next() {
+        let dropped = it.take_dropped();
+        if let Some(w) = out.as_mut() {
+            for e in &dropped {
+                serde_json::to_writer(&mut *w, &record_dropped(e))?;
+                w.write_all(b"\n")?;
+            }
+        }
+        match item {
+            Ok(batch) => {
+                if let Some(w) = out.as_mut() {
+                    for r in records(&batch) {
+                        serde_json::to_writer(&mut *w, &r)?;
+                        w.write_all(b"\n")?;
+                    }
+                }
+            }
+            Err(juicer::Error::Sample(e)) => {
+                failures += 1;
+                eprintln!("error: {e}");
+                if let Some(w) = out.as_mut() {
+                    serde_json::to_writer(&mut *w, &record_dropped(&e))?;
+                    w.write_all(b"\n")?;
+                }
+            }
+            Err(e) => bail!(e),
+        }
+        if let Some(bar) = &bar {
+            bar.set_position(it.state().samples_read);
+        }
+    }
+    if let Some(w) = out.as_mut() {
+        for e in it.take_dropped() {
+            serde_json::to_writer(&mut *w, &record_dropped(&e))?;
+            w.write_all(b"\n")?;
+        }
+        w.flush()?;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let summary = it.summary();
+    drop(it);
+    print_summary(&summary, &loader.shards().iter().map(Shard::name).collect::<Vec<_>>(), &loader);
+    if failures > 0 {
+        bail!("{failures} sample(s) failed (--on-error fail)");
+    }
+    Ok(())
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedBatch>) {
+    let world = loader.world();
+    let el = secs(s.elapsed).max(1e-9);
+    eprintln!();
+    eprintln!("juicer run: {} shard(s), rank {}/{}, device {:?}", shards.len(), world.rank, world.world_size, loader.device());
+    eprintln!(
+        "  samples  read {}  =  emitted {}  +  dropped {}   ({} batches, {:.1} samples/s, {:.2} s)",
+        s.read,
+        s.emitted,
+        s.dropped_total(),
+        s.batches,
+        s.emitted as f64 / el,
+        el
+    );
+    for (reason, n) in &s.dropped {
+        eprintln!("  dropped  {reason:<18} {n}");
+    }
+    eprintln!();
+    eprintln!(
+        "  {:<10} {:>7} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6}",
+        "stage", "workers", "in", "out", "busy%", "blocked%", "starved%", "queue"
+    );
+    for st in &s.stages {
+        let denom = el * st.workers.max(1) as f64;
+        eprintln!(
+            "  {:<10} {:>7} {:>9} {:>9} {:>7.1}% {:>7.1}% {:>7.1}% {:>6}",
+            st.name,
+            st.workers,
+            st.items_in,
+            st.items_out,
+            100.0 * secs(st.busy) / denom,
+            100.0 * secs(st.blocked) / denom,
+            100.0 * secs(st.starved) / denom,
+            st.queue_depth
+        );
+    }
+}
+
+fn pack(args: PackArgs) -> anyhow::Result<()> {
+    let shards = resolve(std::slice::from_ref(&args.source), usize::MAX)?;
+    let mut writer = ShardWriter::new(&args.out, &args.prefix, args.max_count, args.max_size)?;
+    let opts = juicer::source::ReadOptions::default();
+    let mut n = 0usize;
+    for shard in &shards {
+        for sample in shard.open(0, &opts)? {
+            let s = sample.map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut members: Vec<(&str, Vec<u8>)> = vec![(s.image_ext.as_str(), s.image.to_vec())];
+            if let Some(c) = &s.caption {
+                members.push(("txt", c.as_bytes().to_vec()));
+            }
+            if let Some(m) = &s.meta {
+                members.push(("json", serde_json::to_vec(m)?));
+            }
+            let refs: Vec<(&str, &[u8])> = members.iter().map(|(e, b)| (*e, b.as_slice())).collect();
+            writer.write(&s.key, &refs)?;
+            n += 1;
+        }
+    }
+    let written = writer.finish()?;
+    eprintln!("packed {n} samples into {} shard(s) in {}", written.len(), args.out.display());
+    for p in written {
+        println!("{}", p.display());
+    }
+    Ok(())
+}
