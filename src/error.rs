@@ -145,6 +145,15 @@ pub enum Error {
         /// What went wrong.
         detail: String,
     },
+    /// Model weights or their config do not fit the model (missing, extra or misshaped tensor, wrong dtype,
+    /// truncated file, inconsistent config).
+    #[error("weights `{file}`: {detail}")]
+    Weights {
+        /// The weights or config file.
+        file: String,
+        /// What is wrong, naming the tensor where there is one.
+        detail: String,
+    },
     /// Plain I/O error with context.
     #[error("{context}: {source}")]
     Io {

@@ -1,14 +1,99 @@
-//! juicer: streaming token-level data governance for image-text training data.
+//! # juicer
 //!
-//! (Architecture docs are written in full once the modules settle.)
+//! A streaming dataloader middleware that *juices* image-text pairs inside the training loop: it scores every
+//! image patch for saliency, keeps the salient ones, extracts the object classes the image shows and folds
+//! them into the caption (the DataJuicer method, arXiv 2503.14559), while the trainer consumes batches.
+//!
+//! **Status of the stages.** The runtime, the sources, decoding and batching are in place; score, prune,
+//! extract and enrich are not yet. Until they land a batch carries *every* patch of each image (`K = gh·gw`)
+//! and no caption tokens; nothing pretends to prune.
+//!
+//! ```no_run
+//! use juicer::{DeviceSpec, JuicedBatch};
+//!
+//! # fn main() -> juicer::Result<()> {
+//! let loader = JuicedBatch::builder(["fixtures/shards/gcompris-{000000..000002}.tar"])
+//!     .batch_size(16)
+//!     .seed(7)
+//!     .device(DeviceSpec::Auto)
+//!     .build()?;
+//! let mut epoch = loader.iter()?;
+//! while let Some(batch) = epoch.next() {
+//!     let batch = batch?; // patches [B, K, 3·P·P], positions [B, K], patch_mask [B, K]
+//!     let _ = batch.patches.dims();
+//! }
+//! let checkpoint = serde_json::to_string(epoch.state()).expect("state serialises");
+//! # let _ = checkpoint;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Architecture
+//!
+//! ## Bird's eye view
+//! ```text
+//!  shards ──► read ──► shuffle ──► decode ──► [score ──► prune ──► extract ──► enrich] ──► batch ──► trainer
+//!  (tar, http,  R workers  1 thread   N workers   model      CPU       model       CPU        1 thread  Iterator /
+//!   folder)   prefetch   sequencer  (CPU pool)  thread/dev           thread/dev            reorder   Stream /
+//!                        + buffer                                                          + collate burn DataLoader
+//! ```
+//! Every arrow is a bounded channel. A trainer that stops reading makes every stage upstream block in turn;
+//! nothing buffers without bound. The bracketed stages are the juicing branch (vision: score, prune, extract;
+//! text: enrich).
+//!
+//! One epoch is one run of the graph. [`Juicer::iter`] (or [`Juicer::stream`], or burn's
+//! `DataLoader::iter`) builds the graph for the next epoch; the returned [`JuicerIter`] owns it and joins every
+//! thread when dropped.
+//!
+//! ## Code map
+//! - [`pipeline`]: **API boundary.** [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`), [`Juicer`] (the
+//!   loader: epochs, resume, the burn `DataLoader` impl), [`JuicerIter`] (one epoch; `Iterator`, `next_async`,
+//!   `into_stream`, `state`, `summary`). Also the ordered sink's logic: checkpoint mirror, accounting, batching.
+//! - [`graph`]: the runtime. Bounded instrumented edges ([`graph::Outlet`]/[`graph::Inlet`]), per-item stages on
+//!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink,
+//!   per-stage metrics, shutdown. **Invariant:** the only module that knows threads, crossbeam and tokio.
+//! - [`stage`]: the [`stage::Stage`] (per item) and [`stage::BatchStage`] (per micro-batch, owns a model)
+//!   traits. **Invariant:** stages never touch a channel.
+//! - [`reader`]: reader workers (shard prefetch) and the sequencer (canonical order + shuffle buffer), which emits
+//!   each item with its checkpoint [`plan::Trace`].
+//! - [`plan`]: ranks ([`World`]: explicit, torchrun, Slurm), the per-epoch shard order and rank split
+//!   ([`plan::ShardPlan`]), epoch length across ranks ([`EpochSize`]), and the checkpoint [`LoaderState`].
+//! - [`source`]: WebDataset tar shards (local, `http(s)://` streamed with Range-resume), folder + JSONL, shard
+//!   specs (globs, brace ranges), and [`source::ShardWriter`]. **Invariant:** a sample is read whole or reported
+//!   as `Truncated`, never short.
+//! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`.
+//! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
+//!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`) and, later, in the model code.
+//! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
+//! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
+//! - `src/main.rs`: the `juicer` CLI (`run`, `pack`); the only place `anyhow` is used.
+//!
+//! ## Invariants
+//! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
+//!   when the item leaves in order, so at most `2·capacity + workers + 1` items are between the shuffle and
+//!   the sink, and the sink's reorder buffer never holds more.
+//! - **Deterministic.** The output is a function of the seed, the epoch and the sources, not of worker counts:
+//!   reader worker `r` only prefetches tasks `t ≡ r (mod R)`, the sequencer consumes tasks in order, sequence
+//!   numbers are assigned after the shuffle and the sink restores their order.
+//! - **Accounted.** Every sample read ends emitted or dropped with a [`DropReason`]; `read = emitted + dropped`
+//!   holds in every [`Summary`] and [`LoaderState`]. A whole shard that cannot be opened counts once as
+//!   `unreadable_shard`.
+//! - **Resumable.** Each item carries the shuffle-buffer delta (positions added, slot drawn, generator state,
+//!   reader cursor). The sink mirrors the buffer as positions, and the state handed out at a batch boundary
+//!   rebuilds the exact buffer: the batches after a resume equal those of an uninterrupted run.
+//! - **Equal ranks.** With `world_size > 1` every rank yields the same number of batches per epoch
+//!   ([`EpochSize`]), computed by every rank alike from per-shard sample counts.
+//! - **Joined.** Dropping an iterator or stream, also while stages are blocked, stops and joins every thread.
 
 #![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
 pub mod decode;
 pub mod device;
 pub mod error;
 pub mod graph;
+pub mod model;
 pub mod pipeline;
 pub mod plan;
 pub mod reader;

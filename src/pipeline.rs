@@ -103,7 +103,7 @@ impl Config {
         }
         if self.patch_size == 0 {
             p.push("patch_size must be at least 1".into());
-        } else if self.decode.image_size % self.patch_size != 0 {
+        } else if !self.decode.image_size.is_multiple_of(self.patch_size) {
             p.push(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.decode.image_size, self.patch_size
@@ -143,7 +143,12 @@ macro_rules! verb {
 impl JuicerBuilder {
     /// Starts a builder over shard specifications (paths, globs, brace ranges, URLs, folder + JSONL).
     pub fn new<S: Into<String>>(sources: impl IntoIterator<Item = S>) -> Self {
-        Self { sources: sources.into_iter().map(Into::into).collect(), config: Config::default(), rank: None, world_size: None }
+        Self {
+            sources: sources.into_iter().map(Into::into).collect(),
+            config: Config::default(),
+            rank: None,
+            world_size: None,
+        }
     }
 
     /// Replaces the whole configuration.
@@ -232,10 +237,8 @@ impl JuicerBuilder {
                 world.world_size
             )]));
         }
-        let fingerprint = format!(
-            "{:016x}",
-            shards.iter().fold(hash_str(""), |h, s| crate::rng::derive(h, &[hash_str(&s.name())]))
-        );
+        let fingerprint =
+            format!("{:016x}", shards.iter().fold(hash_str(""), |h, s| crate::rng::derive(h, &[hash_str(&s.name())])));
         let device = self.config.device.resolve()?;
         Ok(Juicer {
             shared: Arc::new(Shared { shards, config: self.config, world, fingerprint, counts: OnceLock::new() }),
@@ -271,7 +274,12 @@ pub struct Juicer<O> {
 
 impl<O> Clone for Juicer<O> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone(), batcher: self.batcher.clone(), device: self.device.clone(), next: self.next.clone() }
+        Self {
+            shared: self.shared.clone(),
+            batcher: self.batcher.clone(),
+            device: self.device.clone(),
+            next: self.next.clone(),
+        }
     }
 }
 
@@ -330,7 +338,15 @@ impl<O: Send + 'static> Juicer<O> {
         let cfg = &self.shared.config;
         let counts = self.shard_counts()?;
         let w = self.shared.world;
-        let n = match ShardPlan::target_batches(cfg.epoch_size, &counts, cfg.seed, epoch, w.world_size, cfg.shuffle_shards, cfg.batch_size) {
+        let n = match ShardPlan::target_batches(
+            cfg.epoch_size,
+            &counts,
+            cfg.seed,
+            epoch,
+            w.world_size,
+            cfg.shuffle_shards,
+            cfg.batch_size,
+        ) {
             Some(b) => b * cfg.batch_size as u64,
             None => ShardPlan::rank_sets(counts.len(), cfg.seed, epoch, w.world_size, cfg.shuffle_shards)[w.rank]
                 .iter()
@@ -409,10 +425,17 @@ impl<O: Send + 'static> Juicer<O> {
         let cfg = &s.config;
         let w = s.world;
         let plan = ShardPlan::new(s.shards.len(), cfg.seed, state.epoch, w, cfg.shuffle_shards)?;
-        let needs_counts = !matches!(cfg.epoch_size, EpochSize::Exhaust | EpochSize::Batches(_))
-            && !(cfg.epoch_size == EpochSize::Auto && w.world_size <= 1);
+        let needs_counts = cfg.epoch_size.needs_counts(w.world_size);
         let counts = if needs_counts { self.shard_counts()? } else { vec![0; s.shards.len()] };
-        let target = ShardPlan::target_batches(cfg.epoch_size, &counts, cfg.seed, state.epoch, w.world_size, cfg.shuffle_shards, cfg.batch_size);
+        let target = ShardPlan::target_batches(
+            cfg.epoch_size,
+            &counts,
+            cfg.seed,
+            state.epoch,
+            w.world_size,
+            cfg.shuffle_shards,
+            cfg.batch_size,
+        );
         let max_passes = match target {
             None => 1,
             Some(t) => {
@@ -459,7 +482,8 @@ impl<O: Send + 'static> Juicer<O> {
                 panic!("{e}");
             }
         })?;
-        let decoded = graph.map(decoded_in, Arc::new(DecodeStage(Decoder::new(cfg.decode.clone()))), cfg.decode_workers)?;
+        let decoded =
+            graph.map(decoded_in, Arc::new(DecodeStage(Decoder::new(cfg.decode.clone()))), cfg.decode_workers)?;
         let first_state = state.clone();
         let sink = BatchSink {
             batcher: self.batcher.clone(),
@@ -476,7 +500,13 @@ impl<O: Send + 'static> Juicer<O> {
             dropped: Vec::new(),
         };
         let run = graph.sink(decoded, credits, sink)?;
-        let total = self.shared.counts.get().and_then(|c| c.as_ref().ok()).map(|_| ()).and_then(|()| self.epoch_samples(first_state.epoch).ok());
+        let total = self
+            .shared
+            .counts
+            .get()
+            .and_then(|c| c.as_ref().ok())
+            .map(|_| ())
+            .and_then(|()| self.epoch_samples(first_state.epoch).ok());
         Ok(JuicerIter { run, state: first_state, dropped: Vec::new(), started: Instant::now(), total, finished: false })
     }
 }
@@ -550,13 +580,16 @@ impl<O> BatchSink<O> {
         self.boundary = self.state.clone();
         let items = std::mem::take(&mut self.pending);
         let batch = self.batcher.batch(items, &self.device);
-        Some(Output::Batch { batch, dropped: std::mem::take(&mut self.dropped), state: Box::new(self.boundary.clone()) })
+        Some(Output::Batch {
+            batch,
+            dropped: std::mem::take(&mut self.dropped),
+            state: Box::new(self.boundary.clone()),
+        })
     }
 
     fn limit_reached(&self) -> bool {
         let read = self.state.samples_read;
-        self.limit.is_some_and(|l| read >= l)
-            || self.range.is_some_and(|(a, b)| read >= b.saturating_sub(a))
+        self.limit.is_some_and(|l| read >= l) || self.range.is_some_and(|(a, b)| read >= b.saturating_sub(a))
     }
 }
 
@@ -586,7 +619,9 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
                 *self.state.dropped.entry(e.reason.as_str().to_string()).or_default() += 1;
                 match self.on_error {
                     OnError::Drop => self.dropped.push(e),
-                    OnError::Fail => out.push(Output::Error { error: Error::Sample(e), state: Box::new(self.boundary.clone()) }),
+                    OnError::Fail => {
+                        out.push(Output::Error { error: Error::Sample(e), state: Box::new(self.boundary.clone()) })
+                    }
                 }
             }
         }
@@ -601,7 +636,10 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
             out.extend(self.flush(true));
             self.state.epoch_complete = true;
             self.boundary = self.state.clone();
-            out.push(Output::End { dropped: std::mem::take(&mut self.dropped), state: Box::new(self.boundary.clone()) });
+            out.push(Output::End {
+                dropped: std::mem::take(&mut self.dropped),
+                state: Box::new(self.boundary.clone()),
+            });
             return SinkStep::Stop(out);
         }
         SinkStep::Continue(out)
@@ -753,7 +791,9 @@ impl<O> Iterator for JuicerIter<O> {
 impl<O> DataLoaderIterator<O> for LoaderIter<O> {
     fn progress(&self) -> Progress {
         match &self.0 {
-            Ok(it) => Progress::new(it.state.samples_read as usize, it.total.unwrap_or(0) as usize, Some("samples".into())),
+            Ok(it) => {
+                Progress::new(it.state.samples_read as usize, it.total.unwrap_or(0) as usize, Some("samples".into()))
+            }
             Err(_) => Progress::new(0, 0, None),
         }
     }

@@ -107,6 +107,17 @@ pub enum EpochSize {
     Batches(u64),
 }
 
+impl EpochSize {
+    /// Whether the epoch length depends on per-shard sample counts.
+    pub fn needs_counts(self, world_size: usize) -> bool {
+        match self {
+            EpochSize::Exhaust | EpochSize::Batches(_) => false,
+            EpochSize::Auto => world_size > 1,
+            EpochSize::DropRemainder | EpochSize::RepeatRemainder => true,
+        }
+    }
+}
+
 /// Where a rank's reading stands; carried per item so the consumer can checkpoint exactly.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Trace {
@@ -221,8 +232,7 @@ impl ShardPlan {
                 world.world_size
             )]));
         }
-        let rank_set = Self::rank_sets(n_shards, seed, epoch, world.world_size, shuffle)
-            .swap_remove(world.rank);
+        let rank_set = Self::rank_sets(n_shards, seed, epoch, world.world_size, shuffle).swap_remove(world.rank);
         Ok(Self { n_shards, seed, epoch, world, shuffle, rank_set })
     }
 

@@ -36,7 +36,7 @@ pub enum Fault {
     BadCaption,
 }
 
-/// Writes `per_shard.len()` shards `s-00000i.tar` into `dir`; shard `i` holds `per_shard[i]` samples. Sample keys
+/// Writes `per_shard.len()` shards (every fourth image a JPEG, the others PNG) `s-00000i.tar` into `dir`; shard `i` holds `per_shard[i]` samples. Sample keys
 /// are `s{shard}/k{global index:05}`; `fault(global index)` chooses a fault. Returns the shard paths.
 pub fn make_shards(dir: &Path, per_shard: &[usize], fault: impl Fn(usize) -> Fault) -> Vec<PathBuf> {
     let mut paths = Vec::new();
@@ -46,12 +46,13 @@ pub fn make_shards(dir: &Path, per_shard: &[usize], fault: impl Fn(usize) -> Fau
         for _ in 0..n {
             let key = format!("s{s}/k{g:05}");
             let caption = format!("sample number {g}");
-            let img = png(g, 24 + (g % 5) as u32 * 4, 20 + (g % 3) as u32 * 6);
+            let (w_px, h_px) = (24 + (g % 5) as u32 * 4, 20 + (g % 3) as u32 * 6);
+            let (ext, img) = if g % 4 == 3 { ("jpg", jpeg(g, w_px, h_px)) } else { ("png", png(g, w_px, h_px)) };
             match fault(g) {
-                Fault::None => w.write(&key, &[("png", &img), ("txt", caption.as_bytes())]),
+                Fault::None => w.write(&key, &[(ext, &img), ("txt", caption.as_bytes())]),
                 Fault::Corrupt => w.write(&key, &[("png", b"\x89PNG-not-really"), ("txt", caption.as_bytes())]),
                 Fault::NoImage => w.write(&key, &[("txt", caption.as_bytes())]),
-                Fault::BadCaption => w.write(&key, &[("png", &img), ("txt", b"caf\xe9 \xff")]),
+                Fault::BadCaption => w.write(&key, &[(ext, &img), ("txt", b"caf\xe9 \xff")]),
             }
             .expect("write sample");
             g += 1;
