@@ -26,16 +26,11 @@ fn raw(key: &str, image: Vec<u8>, ext: &str) -> RawSample {
 }
 
 fn bench_decode(c: &mut Criterion) {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/gcompris/{PHOTO}.webp"));
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("fixtures/gcompris/{PHOTO}.webp"));
     let webp = std::fs::read(&path).expect("fixture photo");
-    let rgb = image::load_from_memory(&webp)
-        .expect("decodable fixture")
-        .into_rgb8();
+    let rgb = image::load_from_memory(&webp).expect("decodable fixture").into_rgb8();
     let mut jpeg = Vec::new();
-    JpegEncoder::new_with_quality(&mut jpeg, 90)
-        .encode_image(&rgb)
-        .expect("JPEG encoding");
+    JpegEncoder::new_with_quality(&mut jpeg, 90).encode_image(&rgb).expect("JPEG encoding");
 
     let decoder = Decoder::new(DecodeConfig::default());
     let webp_sample = raw(PHOTO, webp, "webp");
@@ -44,26 +39,14 @@ fn bench_decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     group.throughput(Throughput::Elements(1));
     group.bench_function("decode_jpeg_q90_1024x681_to_224", |b| {
-        b.iter(|| {
-            decoder
-                .decode(black_box(jpeg_sample.clone()))
-                .expect("decodes")
-        })
+        b.iter(|| decoder.decode(black_box(jpeg_sample.clone())).expect("decodes"))
     });
     group.bench_function("decode_webp_1024x681_to_224", |b| {
-        b.iter(|| {
-            decoder
-                .decode(black_box(webp_sample.clone()))
-                .expect("decodes")
-        })
+        b.iter(|| decoder.decode(black_box(webp_sample.clone())).expect("decodes"))
     });
-    group.bench_function("resize_crop_rgb8_1024x681_to_224", |b| {
-        b.iter(|| decoder.resize_crop_rgb8(black_box(&rgb)))
-    });
+    group.bench_function("resize_crop_rgb8_1024x681_to_224", |b| b.iter(|| decoder.resize_crop_rgb8(black_box(&rgb))));
     let crop = decoder.resize_crop_rgb8(&rgb);
-    group.bench_function("normalise_224", |b| {
-        b.iter(|| decoder.normalise(black_box(&crop)))
-    });
+    group.bench_function("normalise_224", |b| b.iter(|| decoder.normalise(black_box(&crop))));
     group.finish();
 
     let pixels = decoder.normalise(&crop);

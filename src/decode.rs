@@ -60,12 +60,7 @@ pub struct DecodeConfig {
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self {
-            image_size: 224,
-            resize_size: None,
-            mean: IMAGENET_MEAN,
-            std: IMAGENET_STD,
-        }
+        Self { image_size: 224, resize_size: None, mean: IMAGENET_MEAN, std: IMAGENET_STD }
     }
 }
 
@@ -81,10 +76,7 @@ impl DecodeConfig {
         if self.image_size == 0 {
             problems.push("image_size must be greater than 0".to_string());
         } else if self.image_size > MAX_IMAGE_SIZE {
-            problems.push(format!(
-                "image_size {} is larger than the maximum {MAX_IMAGE_SIZE}",
-                self.image_size
-            ));
+            problems.push(format!("image_size {} is larger than the maximum {MAX_IMAGE_SIZE}", self.image_size));
         }
         if let Some(r) = self.resize_size {
             if r < self.image_size {
@@ -93,23 +85,15 @@ impl DecodeConfig {
                     self.image_size
                 ));
             } else if r > MAX_IMAGE_SIZE {
-                problems.push(format!(
-                    "resize_size {r} is larger than the maximum {MAX_IMAGE_SIZE}"
-                ));
+                problems.push(format!("resize_size {r} is larger than the maximum {MAX_IMAGE_SIZE}"));
             }
         }
         for (c, name) in ["R", "G", "B"].iter().enumerate() {
             if !self.mean[c].is_finite() {
-                problems.push(format!(
-                    "mean[{c}] ({name}) must be finite, got {}",
-                    self.mean[c]
-                ));
+                problems.push(format!("mean[{c}] ({name}) must be finite, got {}", self.mean[c]));
             }
             if !(self.std[c].is_finite() && self.std[c] > 0.0) {
-                problems.push(format!(
-                    "std[{c}] ({name}) must be finite and > 0, got {}",
-                    self.std[c]
-                ));
+                problems.push(format!("std[{c}] ({name}) must be finite and > 0, got {}", self.std[c]));
             }
         }
         problems
@@ -136,11 +120,7 @@ impl CropGeometry {
         // torchvision: new_short = size, new_long = int(size * long / short). size * long is exact in f64,
         // so the one division is correctly rounded exactly like Python's int / int.
         let scaled_long = |long: u64, short: u64| ((r * long) as f64 / short as f64) as u32;
-        let resized = if w <= h {
-            (resize, scaled_long(h, w))
-        } else {
-            (scaled_long(w, h), resize)
-        };
+        let resized = if w <= h { (resize, scaled_long(h, w)) } else { (scaled_long(w, h), resize) };
         // torchvision CenterCrop: int(round((resized - crop) / 2.0)), round half to even.
         let off = |len: u32| (f64::from(len.saturating_sub(crop)) / 2.0).round_ties_even() as u32;
         let offset = (off(resized.0), off(resized.1));
@@ -154,11 +134,7 @@ impl CropGeometry {
         };
         let (left, bw) = axis(w, resized.0, offset.0);
         let (top, bh) = axis(h, resized.1, offset.1);
-        Self {
-            resized,
-            offset,
-            src_box: [left, top, bw, bh],
-        }
+        Self { resized, offset, src_box: [left, top, bw, bh] }
     }
 }
 
@@ -187,11 +163,7 @@ impl Decoder {
     /// Builds a decoder after validating the configuration; every problem is listed in the error.
     pub fn try_new(cfg: DecodeConfig) -> Result<Self, Error> {
         let problems = cfg.validate();
-        if problems.is_empty() {
-            Ok(Self::new(cfg))
-        } else {
-            Err(Error::Config(problems))
-        }
+        if problems.is_empty() { Ok(Self::new(cfg)) } else { Err(Error::Config(problems)) }
     }
 
     /// The configuration this decoder was built with.
@@ -207,13 +179,7 @@ impl Decoder {
     /// Decodes one sample into normalised `[3, S, S]` pixels. Undecodable data (corrupt, unsupported, or a
     /// JPEG without its end-of-image marker) is [`DropReason::UndecodableImage`] naming the sample key.
     pub fn decode(&self, raw: RawSample) -> Result<Decoded, SampleError> {
-        let RawSample {
-            key,
-            image,
-            image_ext,
-            caption,
-            meta,
-        } = raw;
+        let RawSample { key, image, image_ext, caption, meta } = raw;
         let rgb = match decode_rgb8_inner(&image, &image_ext) {
             Ok(rgb) => rgb,
             Err(detail) => return Err(SampleError::new(key, DropReason::UndecodableImage, detail)),
@@ -227,36 +193,18 @@ impl Decoder {
             }
         };
         let pixels = self.normalise(&crop);
-        Ok(Decoded {
-            key,
-            pixels,
-            size: self.cfg.image_size,
-            orig_size,
-            caption,
-            meta,
-        })
+        Ok(Decoded { key, pixels, size: self.cfg.image_size, orig_size, caption, meta })
     }
 
     /// Decodes encoded bytes to RGB8 only (no resize), with the same checks as [`Decoder::decode`];
     /// `key` names the sample in the error. Useful for visualising the original image.
-    pub fn decode_rgb8(
-        &self,
-        key: &str,
-        bytes: &[u8],
-        ext_hint: &str,
-    ) -> Result<RgbImage, SampleError> {
-        decode_rgb8_inner(bytes, ext_hint)
-            .map_err(|d| SampleError::new(key, DropReason::UndecodableImage, d))
+    pub fn decode_rgb8(&self, key: &str, bytes: &[u8], ext_hint: &str) -> Result<RgbImage, SampleError> {
+        decode_rgb8_inner(bytes, ext_hint).map_err(|d| SampleError::new(key, DropReason::UndecodableImage, d))
     }
 
     /// The crop geometry this decoder uses for a `width`×`height` image.
     pub fn geometry(&self, width: u32, height: u32) -> CropGeometry {
-        CropGeometry::new(
-            width,
-            height,
-            self.cfg.resize_short_side() as u32,
-            self.cfg.image_size as u32,
-        )
+        CropGeometry::new(width, height, self.cfg.resize_short_side() as u32, self.cfg.image_size as u32)
     }
 
     /// Resizes and centre-crops an RGB image to S×S u8 (before normalisation). An empty (0-pixel) image gives
@@ -264,8 +212,7 @@ impl Decoder {
     pub fn resize_crop_rgb8(&self, img: &RgbImage) -> RgbImage {
         let s = self.cfg.image_size as u32;
         // The only possible errors come from an invalid crop box, which `CropGeometry` never produces.
-        self.try_resize_crop(img)
-            .unwrap_or_else(|_| RgbImage::new(s, s))
+        self.try_resize_crop(img).unwrap_or_else(|_| RgbImage::new(s, s))
     }
 
     fn try_resize_crop(&self, img: &RgbImage) -> Result<RgbImage, fast_image_resize::ResizeError> {
@@ -276,9 +223,8 @@ impl Decoder {
             return Ok(dst);
         }
         let [left, top, bw, bh] = self.geometry(w, h).src_box;
-        let options = ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(left, top, bw, bh);
+        let options =
+            ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(left, top, bw, bh);
         Resizer::new().resize(img, &mut dst, &options)?;
         Ok(dst)
     }
@@ -302,9 +248,7 @@ impl Decoder {
 
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Decoder")
-            .field("cfg", &self.cfg)
-            .finish_non_exhaustive()
+        f.debug_struct("Decoder").field("cfg", &self.cfg).finish_non_exhaustive()
     }
 }
 
@@ -320,35 +264,19 @@ fn decode_rgb8_inner(bytes: &[u8], ext_hint: &str) -> Result<RgbImage, String> {
     }
     let format = match image::guess_format(bytes) {
         Ok(f) => f,
-        Err(_) => ImageFormat::from_extension(ext_hint).ok_or_else(|| {
-            format!(
-                "unrecognised image data ({} bytes, extension hint `{ext_hint}`)",
-                bytes.len()
-            )
-        })?,
+        Err(_) => ImageFormat::from_extension(ext_hint)
+            .ok_or_else(|| format!("unrecognised image data ({} bytes, extension hint `{ext_hint}`)", bytes.len()))?,
     };
-    if !matches!(
-        format,
-        ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP
-    ) {
-        return Err(format!(
-            "unsupported image format {format:?} (JPEG, PNG and WebP are supported)"
-        ));
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
+        return Err(format!("unsupported image format {format:?} (JPEG, PNG and WebP are supported)"));
     }
     if format == ImageFormat::Jpeg && !jpeg_has_eoi(bytes) {
-        return Err(format!(
-            "truncated JPEG: no end-of-image marker FF D9 at the end of {} bytes",
-            bytes.len()
-        ));
+        return Err(format!("truncated JPEG: no end-of-image marker FF D9 at the end of {} bytes", bytes.len()));
     }
     let img = image::load_from_memory_with_format(bytes, format)
         .map_err(|e| format!("cannot decode {format:?} ({} bytes): {e}", bytes.len()))?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(format!(
-            "image has no pixels ({}x{})",
-            img.width(),
-            img.height()
-        ));
+        return Err(format!("image has no pixels ({}x{})", img.width(), img.height()));
     }
     Ok(img.into_rgb8())
 }
@@ -369,21 +297,14 @@ pub fn grid(size: usize, patch: usize) -> (usize, usize) {
 /// If `pixels.len() != 3 * size * size`, `patch == 0`, or an index in `keep` is outside the grid
 /// (programming errors: `keep` comes from the pruning stage).
 pub fn patchify(pixels: &[f32], size: usize, patch: usize, keep: &[u32]) -> Vec<f32> {
-    assert_eq!(
-        pixels.len(),
-        3 * size * size,
-        "patchify: pixels must be [3, {size}, {size}]"
-    );
+    assert_eq!(pixels.len(), 3 * size * size, "patchify: pixels must be [3, {size}, {size}]");
     assert!(patch > 0, "patchify: patch size must be > 0");
     let (rows, cols) = grid(size, patch);
     let plane = size * size;
     let mut out = Vec::with_capacity(keep.len() * 3 * patch * patch);
     for &k in keep {
         let k = k as usize;
-        assert!(
-            k < rows * cols,
-            "patchify: patch index {k} outside the {rows}x{cols} grid"
-        );
+        assert!(k < rows * cols, "patchify: patch index {k} outside the {rows}x{cols} grid");
         let (r, c) = (k / cols, k % cols);
         for ch in 0..3 {
             for py in 0..patch {
@@ -403,21 +324,13 @@ pub fn patchify(pixels: &[f32], size: usize, patch: usize, keep: &[u32]) -> Vec<
 pub fn unpatchify(patches: &[f32], size: usize, patch: usize, keep: &[u32], fill: f32) -> Vec<f32> {
     assert!(patch > 0, "unpatchify: patch size must be > 0");
     let plen = 3 * patch * patch;
-    assert_eq!(
-        patches.len(),
-        keep.len() * plen,
-        "unpatchify: patches must be [{}, {plen}]",
-        keep.len()
-    );
+    assert_eq!(patches.len(), keep.len() * plen, "unpatchify: patches must be [{}, {plen}]", keep.len());
     let (rows, cols) = grid(size, patch);
     let plane = size * size;
     let mut out = vec![fill; 3 * plane];
     for (p, &k) in patches.chunks_exact(plen).zip(keep) {
         let k = k as usize;
-        assert!(
-            k < rows * cols,
-            "unpatchify: patch index {k} outside the {rows}x{cols} grid"
-        );
+        assert!(k < rows * cols, "unpatchify: patch index {k} outside the {rows}x{cols} grid");
         let (r, c) = (k / cols, k % cols);
         for (row, src) in p.chunks_exact(patch).enumerate() {
             let (ch, py) = (row / patch, row % patch);
@@ -465,27 +378,19 @@ mod tests {
 
     fn encode_jpeg(img: &RgbImage, quality: u8) -> Vec<u8> {
         let mut out = Vec::new();
-        JpegEncoder::new_with_quality(&mut out, quality)
-            .encode_image(img)
-            .unwrap();
+        JpegEncoder::new_with_quality(&mut out, quality).encode_image(img).unwrap();
         out
     }
 
     /// A smooth but non-trivial test pattern.
     fn pattern(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
-            Rgb([
-                (x * 255 / w.max(1)) as u8,
-                (y * 255 / h.max(1)) as u8,
-                ((x * 7 + y * 13) % 256) as u8,
-            ])
+            Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, ((x * 7 + y * 13) % 256) as u8])
         })
     }
 
     fn decode_photo(key: &str) -> RgbImage {
-        image::load_from_memory(&photo_bytes(key))
-            .unwrap()
-            .into_rgb8()
+        image::load_from_memory(&photo_bytes(key)).unwrap().into_rgb8()
     }
 
     /// Two-step reference: full resize to the torchvision size, then the centre crop.
@@ -520,33 +425,18 @@ mod tests {
         let header: serde_json::Value = serde_json::from_slice(&data[8..8 + n]).unwrap();
         let t = &header[name];
         let dtype = t["dtype"].as_str().unwrap().to_string();
-        let shape = t["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap() as usize)
-            .collect();
+        let shape = t["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as usize).collect();
         let offs = t["data_offsets"].as_array().unwrap();
-        let (a, b) = (
-            offs[0].as_u64().unwrap() as usize,
-            offs[1].as_u64().unwrap() as usize,
-        );
+        let (a, b) = (offs[0].as_u64().unwrap() as usize, offs[1].as_u64().unwrap() as usize);
         (dtype, shape, data[8 + n + a..8 + n + b].to_vec())
     }
 
     fn imagenet_preset() -> Decoder {
-        Decoder::new(DecodeConfig {
-            resize_size: Some(256),
-            ..DecodeConfig::default()
-        })
+        Decoder::new(DecodeConfig { resize_size: Some(256), ..DecodeConfig::default() })
     }
 
-    const REFERENCE_PHOTOS: [&str; 4] = [
-        "animals-giant_panda",
-        "animals-koala",
-        "monuments-neuschwanstein_castle",
-        "farm-sheep",
-    ];
+    const REFERENCE_PHOTOS: [&str; 4] =
+        ["animals-giant_panda", "animals-koala", "monuments-neuschwanstein_castle", "farm-sheep"];
 
     #[test]
     fn decode_config_default_and_validate() {
@@ -565,10 +455,7 @@ mod tests {
         let problems = bad.validate();
         assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems[0].contains("image_size"));
-        let small_resize = DecodeConfig {
-            resize_size: Some(200),
-            ..DecodeConfig::default()
-        };
+        let small_resize = DecodeConfig { resize_size: Some(200), ..DecodeConfig::default() };
         assert_eq!(small_resize.validate().len(), 1);
         assert!(matches!(Decoder::try_new(bad), Err(Error::Config(p)) if p.len() == 5));
         assert!(Decoder::try_new(DecodeConfig::default()).is_ok());
@@ -593,31 +480,15 @@ mod tests {
         assert_eq!(g.resized, (256, 730));
         // Square and already-sized images: no scaling, the box is the crop itself.
         let g = CropGeometry::new(224, 224, 224, 224);
-        assert_eq!(
-            (g.resized, g.offset, g.src_box),
-            ((224, 224), (0, 0), [0.0, 0.0, 224.0, 224.0])
-        );
+        assert_eq!((g.resized, g.offset, g.src_box), ((224, 224), (0, 0), [0.0, 0.0, 224.0, 224.0]));
         let g = CropGeometry::new(224, 300, 224, 224);
-        assert_eq!(
-            (g.resized, g.offset, g.src_box),
-            ((224, 300), (0, 38), [0.0, 38.0, 224.0, 224.0])
-        );
+        assert_eq!((g.resized, g.offset, g.src_box), ((224, 300), (0, 38), [0.0, 38.0, 224.0, 224.0]));
         // The source box always lies inside the image.
-        for (w, h) in [
-            (1, 1),
-            (1, 5000),
-            (5000, 1),
-            (3, 7),
-            (1023, 1021),
-            (640, 480),
-        ] {
+        for (w, h) in [(1, 1), (1, 5000), (5000, 1), (3, 7), (1023, 1021), (640, 480)] {
             for (r, s) in [(224, 224), (256, 224), (16, 16)] {
                 let [l, t, bw, bh] = CropGeometry::new(w, h, r, s).src_box;
                 assert!(l >= 0.0 && t >= 0.0 && bw > 0.0 && bh > 0.0);
-                assert!(
-                    l + bw <= f64::from(w) && t + bh <= f64::from(h),
-                    "{w}x{h} {r}/{s}"
-                );
+                assert!(l + bw <= f64::from(w) && t + bh <= f64::from(h), "{w}x{h} {r}/{s}");
             }
         }
     }
@@ -635,19 +506,13 @@ mod tests {
             assert_eq!(out.size, 224);
             assert_eq!(out.pixels.len(), 3 * 224 * 224);
             assert!(out.pixels.iter().all(|x| x.is_finite() && x.abs() < 3.0));
-            assert!(
-                out.orig_size.0.max(out.orig_size.1) >= 1000,
-                "{key} {:?}",
-                out.orig_size
-            );
+            assert!(out.orig_size.0.max(out.orig_size.1) >= 1000, "{key} {:?}", out.orig_size);
             assert_eq!(out.caption.as_deref(), Some("a caption"));
             assert_eq!(out.meta, Some(serde_json::json!({"k": 1})));
             n += 1;
         }
         assert_eq!(n, 73);
-        let panda = dec
-            .decode(raw("p", photo_bytes("animals-giant_panda"), "webp"))
-            .unwrap();
+        let panda = dec.decode(raw("p", photo_bytes("animals-giant_panda"), "webp")).unwrap();
         assert_eq!(panda.orig_size, (1024, 681));
     }
 
@@ -655,21 +520,15 @@ mod tests {
     fn decode_png_and_jpeg_encoded_in_test() {
         let dec = Decoder::new(DecodeConfig::default());
         let img = pattern(320, 240);
-        let png = dec
-            .decode(raw("png", encode(&img, ImageFormat::Png), "png"))
-            .unwrap();
+        let png = dec.decode(raw("png", encode(&img, ImageFormat::Png), "png")).unwrap();
         assert_eq!(png.orig_size, (320, 240));
         // Lossless: PNG decoding then preprocessing equals preprocessing the source image.
         assert_eq!(png.pixels, dec.normalise(&dec.resize_crop_rgb8(&img)));
-        let jpg = dec
-            .decode(raw("jpg", encode_jpeg(&img, 95), "jpg"))
-            .unwrap();
+        let jpg = dec.decode(raw("jpg", encode_jpeg(&img, 95), "jpg")).unwrap();
         assert_eq!(jpg.orig_size, (320, 240));
         assert_eq!(jpg.pixels.len(), 3 * 224 * 224);
         // The extension is only a hint: a PNG named .jpg still decodes.
-        let misnamed = dec
-            .decode(raw("m", encode(&img, ImageFormat::Png), "jpg"))
-            .unwrap();
+        let misnamed = dec.decode(raw("m", encode(&img, ImageFormat::Png), "jpg")).unwrap();
         assert_eq!(misnamed.pixels, png.pixels);
         // Grey and RGBA inputs become RGB.
         let grey = image::DynamicImage::ImageRgb8(img.clone()).into_luma8();
@@ -701,16 +560,10 @@ mod tests {
         eprintln!("image 0.25 decodes the half JPEG without an error: {accepted_by_image}");
         // Cut just before the marker, and with garbage after it.
         let cut = jpeg[..jpeg.len() - 2].to_vec();
-        assert_eq!(
-            dec.decode(raw("c", cut, "jpg")).unwrap_err().reason,
-            DropReason::UndecodableImage
-        );
+        assert_eq!(dec.decode(raw("c", cut, "jpg")).unwrap_err().reason, DropReason::UndecodableImage);
         let mut trailing = jpeg;
         trailing.extend_from_slice(b"junk");
-        assert_eq!(
-            dec.decode(raw("t", trailing, "jpg")).unwrap_err().reason,
-            DropReason::UndecodableImage
-        );
+        assert_eq!(dec.decode(raw("t", trailing, "jpg")).unwrap_err().reason, DropReason::UndecodableImage);
     }
 
     #[test]
@@ -727,10 +580,7 @@ mod tests {
             .collect();
         for ext in ["jpg", "png", "webp", "bin"] {
             let err = dec.decode(raw("junk", garbage.clone(), ext)).unwrap_err();
-            assert_eq!(
-                (err.key.as_str(), err.reason),
-                ("junk", DropReason::UndecodableImage)
-            );
+            assert_eq!((err.key.as_str(), err.reason), ("junk", DropReason::UndecodableImage));
         }
         // Garbage behind valid magic bytes, with a JPEG end marker.
         garbage[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);
@@ -740,16 +590,10 @@ mod tests {
         assert_eq!(err.reason, DropReason::UndecodableImage);
         let mut png = encode(&pattern(64, 64), ImageFormat::Png);
         png.truncate(png.len() / 2);
-        assert_eq!(
-            dec.decode(raw("p", png, "png")).unwrap_err().reason,
-            DropReason::UndecodableImage
-        );
+        assert_eq!(dec.decode(raw("p", png, "png")).unwrap_err().reason, DropReason::UndecodableImage);
         let mut webp = photo_bytes("farm-cat");
         webp.truncate(webp.len() / 2);
-        assert_eq!(
-            dec.decode(raw("w", webp, "webp")).unwrap_err().reason,
-            DropReason::UndecodableImage
-        );
+        assert_eq!(dec.decode(raw("w", webp, "webp")).unwrap_err().reason, DropReason::UndecodableImage);
         let err = dec.decode(raw("e", Vec::new(), "png")).unwrap_err();
         assert_eq!(err.reason, DropReason::UndecodableImage);
     }
@@ -757,24 +601,12 @@ mod tests {
     #[test]
     fn decode_non_square_both_orientations() {
         for size in [224usize, 64, 17] {
-            let dec = Decoder::new(DecodeConfig {
-                image_size: size,
-                ..DecodeConfig::default()
-            });
-            for (w, h) in [
-                (640, 200),
-                (200, 640),
-                (1, 300),
-                (300, 1),
-                (50, 20),
-                (13, 31),
-            ] {
+            let dec = Decoder::new(DecodeConfig { image_size: size, ..DecodeConfig::default() });
+            for (w, h) in [(640, 200), (200, 640), (1, 300), (300, 1), (50, 20), (13, 31)] {
                 let img = pattern(w, h);
                 let crop = dec.resize_crop_rgb8(&img);
                 assert_eq!(crop.dimensions(), (size as u32, size as u32));
-                let out = dec
-                    .decode(raw("x", encode(&img, ImageFormat::Png), "png"))
-                    .unwrap();
+                let out = dec.decode(raw("x", encode(&img, ImageFormat::Png), "png")).unwrap();
                 assert_eq!(out.orig_size, (w, h));
                 assert_eq!(out.pixels.len(), 3 * size * size);
                 assert_eq!(out.pixels, dec.normalise(&crop));
@@ -782,10 +614,7 @@ mod tests {
         }
         // An empty image gives a black crop instead of panicking.
         let dec = Decoder::new(DecodeConfig::default());
-        assert_eq!(
-            dec.resize_crop_rgb8(&RgbImage::new(0, 5)).dimensions(),
-            (224, 224)
-        );
+        assert_eq!(dec.resize_crop_rgb8(&RgbImage::new(0, 5)).dimensions(), (224, 224));
     }
 
     #[test]
@@ -794,17 +623,12 @@ mod tests {
         let dec = Decoder::new(cfg.clone());
         let colour = [200u8, 10, 127];
         let img = RgbImage::from_pixel(333, 500, Rgb(colour));
-        let out = dec
-            .decode(raw("c", encode(&img, ImageFormat::Png), "png"))
-            .unwrap();
+        let out = dec.decode(raw("c", encode(&img, ImageFormat::Png), "png")).unwrap();
         let n = 224 * 224;
         for (c, &value) in colour.iter().enumerate() {
             let expected = (f32::from(value) / 255.0 - cfg.mean[c]) / cfg.std[c];
             for &v in &out.pixels[c * n..(c + 1) * n] {
-                assert!(
-                    (v - expected).abs() < 1e-6,
-                    "channel {c}: {v} vs {expected}"
-                );
+                assert!((v - expected).abs() < 1e-6, "channel {c}: {v} vs {expected}");
             }
         }
         // Spot-check the formula against hand-computed values: (200/255 - 0.485) / 0.229 = 1.30704...
@@ -815,11 +639,10 @@ mod tests {
     #[test]
     fn decode_one_pass_equals_two_step_reference() {
         // Synthetic sizes (up and down scaling, both orientations, rounding-half offsets) and real photos.
-        let mut cases: Vec<(String, RgbImage)> =
-            [(640, 480), (480, 640), (1023, 517), (300, 301), (100, 37)]
-                .iter()
-                .map(|&(w, h)| (format!("pattern {w}x{h}"), pattern(w, h)))
-                .collect();
+        let mut cases: Vec<(String, RgbImage)> = [(640, 480), (480, 640), (1023, 517), (300, 301), (100, 37)]
+            .iter()
+            .map(|&(w, h)| (format!("pattern {w}x{h}"), pattern(w, h)))
+            .collect();
         for key in REFERENCE_PHOTOS.iter().chain(&["monuments-cabrillo"]) {
             cases.push((key.to_string(), decode_photo(key)));
         }
@@ -849,36 +672,21 @@ mod tests {
             assert_eq!((dtype.as_str(), shape), ("U8", vec![224, 224, 3]));
             let (dtype, shape, input) = read_tensor(&path, "input");
             assert_eq!((dtype.as_str(), shape), ("F32", vec![1, 3, 224, 224]));
-            let input: Vec<f32> = input
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let input: Vec<f32> = input.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
 
             let crop = dec.resize_crop_rgb8(&decode_photo(key));
             let (max, n, mean) = diff_u8(crop.as_raw(), &crop_ref);
             let frac = n as f64 / crop_ref.len() as f64;
-            eprintln!(
-                "{key}: crop_u8 max |Δ| {max}, {n} values ({:.3}%) differ, mean |Δ| {mean:.4}",
-                100.0 * frac
-            );
+            eprintln!("{key}: crop_u8 max |Δ| {max}, {n} values ({:.3}%) differ, mean |Δ| {mean:.4}", 100.0 * frac);
             assert!(max <= 1, "{key}: crop_u8 max |Δ| {max}");
 
             // normalise() on the reference crop reproduces the reference input (same f32 arithmetic).
             let ref_crop = RgbImage::from_raw(224, 224, crop_ref).unwrap();
             let exact = dec.normalise(&ref_crop);
-            let d_exact = exact
-                .iter()
-                .zip(&input)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let d_exact = exact.iter().zip(&input).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             // The full decode path differs only by the ±1-level crop differences.
             let out = dec.decode(raw(key, photo_bytes(key), "webp")).unwrap();
-            let d_full = out
-                .pixels
-                .iter()
-                .zip(&input)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
+            let d_full = out.pixels.iter().zip(&input).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             eprintln!("{key}: input max |Δ| normalise(crop_u8) {d_exact:e}, decode() {d_full:e}");
             assert!(d_exact <= 1e-6, "{key}: {d_exact}");
             assert!(d_full <= one_level, "{key}: {d_full}");
@@ -889,11 +697,8 @@ mod tests {
     fn decode_patchify_hand_checked() {
         // S = 4, P = 2: a 2x2 grid. Pixel value = c*100 + y*10 + x.
         let s = 4;
-        let pixels: Vec<f32> = (0..3)
-            .flat_map(|c| {
-                (0..s).flat_map(move |y| (0..s).map(move |x| (c * 100 + y * 10 + x) as f32))
-            })
-            .collect();
+        let pixels: Vec<f32> =
+            (0..3).flat_map(|c| (0..s).flat_map(move |y| (0..s).map(move |x| (c * 100 + y * 10 + x) as f32))).collect();
         assert_eq!(grid(4, 2), (2, 2));
         assert_eq!(grid(224, 16), (14, 14));
         assert_eq!(grid(225, 16), (14, 14));

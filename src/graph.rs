@@ -163,7 +163,12 @@ pub struct Outlet<T> {
 
 impl<T> Clone for Outlet<T> {
     fn clone(&self) -> Self {
-        Self { tx: self.tx.clone(), depth: self.depth.clone(), owner: self.owner.clone(), shutdown: self.shutdown.clone() }
+        Self {
+            tx: self.tx.clone(),
+            depth: self.depth.clone(),
+            owner: self.owner.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
 }
 
@@ -211,7 +216,12 @@ pub struct Inlet<T> {
 
 impl<T> Clone for Inlet<T> {
     fn clone(&self) -> Self {
-        Self { rx: self.rx.clone(), depth: self.depth.clone(), owner: self.owner.clone(), shutdown: self.shutdown.clone() }
+        Self {
+            rx: self.rx.clone(),
+            depth: self.depth.clone(),
+            owner: self.owner.clone(),
+            shutdown: self.shutdown.clone(),
+        }
     }
 }
 
@@ -242,9 +252,8 @@ impl<T> Inlet<T> {
         if let Ok(item) = self.rx.try_recv() {
             return Some(self.got(item));
         }
-        let r = waiting(&self.owner.waiting_input, &self.owner.starved_ns, || {
-            recv_or_shutdown(&self.rx, &self.shutdown)
-        });
+        let r =
+            waiting(&self.owner.waiting_input, &self.owner.starved_ns, || recv_or_shutdown(&self.rx, &self.shutdown));
         r.map(|item| self.got(item))
     }
 
@@ -378,12 +387,7 @@ impl Graph {
     }
 
     /// A bounded edge from stage `from` to stage `to`, with `capacity` slots.
-    pub fn edge<T>(
-        &self,
-        from: &Arc<StageMetrics>,
-        to: &Arc<StageMetrics>,
-        capacity: usize,
-    ) -> (Outlet<T>, Inlet<T>) {
+    pub fn edge<T>(&self, from: &Arc<StageMetrics>, to: &Arc<StageMetrics>, capacity: usize) -> (Outlet<T>, Inlet<T>) {
         let (tx, rx) = crossbeam_channel::bounded(capacity.max(1));
         let depth = Arc::new(AtomicI64::new(0));
         if let Ok(mut d) = to.input_depth.lock() {
@@ -444,8 +448,7 @@ impl Graph {
         let next = Arc::new(StageMetrics::new("", 0));
         let (out, inlet) = self.edge(&me, &next, self.capacity);
         let credits = Credits::new(window);
-        let mut emitter =
-            Emitter { out, credits: credits.take.clone(), next_seq: 0, shutdown: self.shutdown.clone() };
+        let mut emitter = Emitter { out, credits: credits.take.clone(), next_seq: 0, shutdown: self.shutdown.clone() };
         self.spawn(&name, move || body(&mut emitter))?;
         Ok((inlet, credits))
     }
@@ -659,10 +662,7 @@ impl Drop for Graph {
     }
 }
 
-fn run_batch<S: BatchStage, M>(
-    stage: &mut S,
-    batch: Vec<Envelope<S::In, M>>,
-) -> Vec<Envelope<S::Out, M>> {
+fn run_batch<S: BatchStage, M>(stage: &mut S, batch: Vec<Envelope<S::In, M>>) -> Vec<Envelope<S::Out, M>> {
     let mut heads = Vec::with_capacity(batch.len());
     let mut inputs = Vec::new();
     for env in batch {
@@ -804,16 +804,13 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let (inlet, credits) = source_of(&mut g, 10, None);
         let s2 = sizes.clone();
-        let out = g
-            .model("double", inlet, vec![move || Ok(Doubler(s2))], 4, Duration::from_secs(5))
-            .unwrap();
+        let out = g.model("double", inlet, vec![move || Ok(Doubler(s2))], 4, Duration::from_secs(5)).unwrap();
         let mut run = g.sink(out, credits, Collect).unwrap();
         let mut got = Vec::new();
         while let Some(x) = run.blocking_recv() {
             got.push(x);
         }
-        let expected: Vec<_> =
-            (0..10u64).map(|i| if i == 3 { Err("bad".to_string()) } else { Ok(2 * i) }).collect();
+        let expected: Vec<_> = (0..10u64).map(|i| if i == 3 { Err("bad".to_string()) } else { Ok(2 * i) }).collect();
         assert_eq!(got, expected);
         let sizes = sizes.lock().unwrap().clone();
         assert!(sizes.iter().all(|&s| (1..=4).contains(&s)), "{sizes:?}");
@@ -829,9 +826,7 @@ mod tests {
         let (gate_tx, gate_rx) = crossbeam_channel::bounded(1);
         let (inlet, credits) = source_of(&mut g, 3, Some(gate_rx));
         let s2 = sizes.clone();
-        let out = g
-            .model("double", inlet, vec![move || Ok(Doubler(s2))], 8, Duration::from_millis(20))
-            .unwrap();
+        let out = g.model("double", inlet, vec![move || Ok(Doubler(s2))], 8, Duration::from_millis(20)).unwrap();
         let mut run = g.sink(out, credits, Collect).unwrap();
         assert_eq!(run.blocking_recv(), Some(Ok(0)));
         assert_eq!(sizes.lock().unwrap().first(), Some(&1));

@@ -11,7 +11,11 @@ use juicer::source::{Shard, ShardWriter, resolve};
 use juicer::{DeviceSpec, EpochSize, JuicedBatch, OnError, SampleError, Summary};
 
 #[derive(Parser)]
-#[command(name = "juicer", version, about = "Token-level data governance for image-text data, inside the training loop")]
+#[command(
+    name = "juicer",
+    version,
+    about = "Token-level data governance for image-text data, inside the training loop"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -249,7 +253,13 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
     let world = loader.world();
     let el = secs(s.elapsed).max(1e-9);
     eprintln!();
-    eprintln!("juicer run: {} shard(s), rank {}/{}, device {:?}", shards.len(), world.rank, world.world_size, loader.device());
+    eprintln!(
+        "juicer run: {} shard(s), rank {}/{}, device {:?}",
+        shards.len(),
+        world.rank,
+        world.world_size,
+        loader.device()
+    );
     eprintln!(
         "  samples  read {}  =  emitted {}  +  dropped {}   ({} batches, {:.1} samples/s, {:.2} s)",
         s.read,

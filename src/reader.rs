@@ -263,7 +263,8 @@ pub fn sequencer(
         }
         let slot = rng.below(buf.len());
         let (pos, item) = buf.swap_remove(slot);
-        let trace = Trace { added: std::mem::take(&mut added), slot: slot as u32, rng: rng.state(), cursor: input.cursor, pos };
+        let trace =
+            Trace { added: std::mem::take(&mut added), slot: slot as u32, rng: rng.state(), cursor: input.cursor, pos };
         if !emitter.emit(trace, item) {
             return Ok(());
         }

@@ -228,7 +228,8 @@ fn resume_case(shards: &[String], buffer: usize, stop_after: usize, world: Optio
 #[test]
 fn resume_continues_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let shards = specs(&make_shards(dir.path(), &[11, 6, 14, 9], |g| if g == 8 { Fault::Corrupt } else { Fault::None }));
+    let shards =
+        specs(&make_shards(dir.path(), &[11, 6, 14, 9], |g| if g == 8 { Fault::Corrupt } else { Fault::None }));
     // Checkpoints at the start, inside the shuffle buffer's fill, in steady state, near the end and at the end.
     for stop in [0, 1, 3, 6, 9] {
         resume_case(&shards, 16, stop, None);
@@ -269,7 +270,11 @@ fn ranks_split_without_overlap_and_with_equal_batch_counts() {
         (batches.len(), batches.into_iter().flat_map(|b| b.0).collect::<Vec<_>>())
     };
     let per: Vec<_> = (0..3).map(|r| keys_of(&equal, r, EpochSize::Auto)).collect();
-    assert!(per.iter().all(|(n, _)| *n == per[0].0), "equal batch counts: {:?}", per.iter().map(|p| p.0).collect::<Vec<_>>());
+    assert!(
+        per.iter().all(|(n, _)| *n == per[0].0),
+        "equal batch counts: {:?}",
+        per.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
     let mut all: Vec<String> = per.iter().flat_map(|p| p.1.clone()).collect();
     let n = all.len();
     all.sort();
@@ -343,4 +348,3 @@ fn resume_case_seeded(
     prop_assert!(rest == full[stop..]);
     Ok(())
 }
-
