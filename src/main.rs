@@ -116,12 +116,30 @@ struct PackArgs {
     max_size: u64,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Pack(args) => pack(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // `juicer run --jsonl - | head` closes stdout early: that is the reader's choice, not a failure.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
+}
+
+/// Writes one JSON line; I/O errors stay `io::Error` so a closed pipe is recognised.
+fn write_record(w: &mut dyn Write, record: &serde_json::Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line)
 }
 
 fn record_dropped(e: &SampleError) -> serde_json::Value {
@@ -199,16 +217,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let dropped = it.take_dropped();
         if let Some(w) = out.as_mut() {
             for e in &dropped {
-                serde_json::to_writer(&mut *w, &record_dropped(e))?;
-                w.write_all(b"\n")?;
+                write_record(&mut *w, &record_dropped(e))?;
             }
         }
         match item {
             Ok(batch) => {
                 if let Some(w) = out.as_mut() {
                     for r in records(&batch) {
-                        serde_json::to_writer(&mut *w, &r)?;
-                        w.write_all(b"\n")?;
+                        write_record(&mut *w, &r)?;
                     }
                 }
             }
@@ -216,8 +232,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 failures += 1;
                 eprintln!("error: {e}");
                 if let Some(w) = out.as_mut() {
-                    serde_json::to_writer(&mut *w, &record_dropped(&e))?;
-                    w.write_all(b"\n")?;
+                    write_record(&mut *w, &record_dropped(&e))?;
                 }
             }
             Err(e) => bail!(e),
@@ -228,8 +243,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = out.as_mut() {
         for e in it.take_dropped() {
-            serde_json::to_writer(&mut *w, &record_dropped(&e))?;
-            w.write_all(b"\n")?;
+            write_record(&mut *w, &record_dropped(&e))?;
         }
         w.flush()?;
     }

@@ -410,7 +410,9 @@ impl<O: Send + 'static> Juicer<O> {
         self.start(self.fresh_state(epoch))
     }
 
-    /// Runs the next epoch as an async `Stream`. Dropping the stream stops and joins the stage threads.
+    /// Runs the next epoch as an async `Stream`. Dropping the stream stops and joins the stage threads; the
+    /// join is synchronous but short (threads notice within one 25 ms poll), so dropping inside a task blocks
+    /// that worker thread only briefly.
     pub fn stream(&self) -> Result<impl Stream<Item = Result<O>> + Send + 'static> {
         Ok(self.iter()?.into_stream())
     }
@@ -599,6 +601,10 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
     type Out = Output<O>;
 
     fn accept(&mut self, env: Envelope<Decoded, Trace>) -> SinkStep<Output<O>> {
+        if self.target.is_some_and(|t| self.state.batches >= t) {
+            // A zero-batch epoch (a rank with fewer samples than one batch under DropRemainder).
+            return SinkStep::Stop(self.finish(None));
+        }
         self.state.apply(&env.meta);
         let position = self.state.drawn;
         self.state.drawn += 1;
@@ -651,7 +657,10 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
             out.push(Output::Error { error: e, state: Box::new(self.boundary.clone()) });
             return out;
         }
-        out.extend(self.flush(true));
+        // With a batch target a partial batch would make ranks unequal; without one the last batch may be short.
+        if self.target.is_none() {
+            out.extend(self.flush(true));
+        }
         self.state.epoch_complete = true;
         self.boundary = self.state.clone();
         out.push(Output::End { dropped: std::mem::take(&mut self.dropped), state: Box::new(self.boundary.clone()) });
@@ -815,6 +824,8 @@ impl<O> Iterator for LoaderIter<O> {
 
 impl<O: Send + 'static> DataLoader<O> for Juicer<O> {
     fn iter<'a>(&'a self) -> Box<dyn DataLoaderIterator<O> + 'a> {
+        // `progress().items_total` needs the shard counts; burn's trainers show it from the first step.
+        let _ = self.shard_counts();
         Box::new(LoaderIter(Juicer::iter(self).map_err(Some)))
     }
 

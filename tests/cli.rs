@@ -1,0 +1,237 @@
+//! The `juicer` binary end to end: `run` over the GCompris fixture shards (records, accounting, limits,
+//! ranks, bad samples, bad input) and `pack` reproducing the committed shards byte for byte.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::util::{Fault, fixtures, make_shards, specs};
+
+const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
+const SHARD_FILES: [&str; 3] = ["gcompris-000000.tar", "gcompris-000001.tar", "gcompris-000002.tar"];
+
+/// Runs the binary from the repository root (so fixture paths are relative, as a user types them).
+fn juicer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_juicer"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_PROCID")
+        .env_remove("SLURM_NTASKS")
+        .output()
+        .expect("spawn the juicer binary")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts success and parses stdout as JSON lines.
+fn records(out: &Output) -> Vec<Value> {
+    assert!(out.status.success(), "juicer failed ({}):\n{}", out.status, stderr(out));
+    String::from_utf8(out.stdout.clone())
+        .expect("stdout is UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+fn key(r: &Value) -> String {
+    r["key"].as_str().unwrap_or_else(|| panic!("record without a key: {r}")).to_string()
+}
+
+/// Key → caption of every GCompris pair, from the fixture's JSONL.
+fn pairs() -> BTreeMap<String, String> {
+    let text = std::fs::read_to_string(fixtures().join("gcompris/pairs.jsonl")).expect("pairs.jsonl");
+    text.lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("pair line");
+            (key(&v), v["caption"].as_str().expect("caption").to_string())
+        })
+        .collect()
+}
+
+/// Sample keys stored in one tar shard (member name up to its first dot, as WebDataset groups them).
+fn shard_keys(path: &Path) -> BTreeSet<String> {
+    let mut archive = tar::Archive::new(std::fs::File::open(path).expect("open shard"));
+    archive
+        .entries()
+        .expect("tar entries")
+        .map(|e| {
+            let e = e.expect("tar entry");
+            let name = e.path().expect("member path").to_string_lossy().into_owned();
+            let (dir, base) = name.rsplit_once('/').map_or(("", name.as_str()), |(d, b)| (d, b));
+            let stem = base.split('.').next().unwrap_or(base);
+            if dir.is_empty() { stem.to_string() } else { format!("{dir}/{stem}") }
+        })
+        .collect()
+}
+
+/// The stderr summary with runs of spaces collapsed, so `read 73  =  emitted 73` reads `read 73 = emitted 73`.
+fn summary_line(out: &Output) -> String {
+    let err = stderr(out);
+    let line = err.lines().find(|l| l.contains("emitted")).unwrap_or_else(|| panic!("no summary line in:\n{err}"));
+    line.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn run_emits_one_record_per_gcompris_pair() {
+    let out = juicer(&["run", SHARDS, "--jsonl", "-", "--device", "cpu"]);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 73, "{}", stderr(&out));
+    let pairs = pairs();
+    assert_eq!(pairs.len(), 73);
+    let mut seen = BTreeSet::new();
+    for r in &recs {
+        let k = key(r);
+        assert_eq!(r["grid"], serde_json::json!([14, 14]), "{r}");
+        assert_eq!(r["patch"], 16, "{r}");
+        assert!(r.get("dropped").is_none(), "{r}");
+        let caption = pairs.get(&k).unwrap_or_else(|| panic!("key {k} is not a GCompris pair"));
+        assert_eq!(r["caption"].as_str(), Some(caption.as_str()), "caption of {k}");
+        assert!(seen.insert(k.clone()), "key {k} twice");
+    }
+    assert_eq!(seen, pairs.keys().cloned().collect::<BTreeSet<_>>());
+    let summary = summary_line(&out);
+    assert!(summary.contains("read 73 = emitted 73 + dropped 0"), "{summary}");
+}
+
+#[test]
+fn pack_reproduces_the_fixture_shards_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_dir = dir.path().to_str().expect("UTF-8 temp path");
+    let out = juicer(&[
+        "pack",
+        "fixtures/gcompris/pairs.jsonl",
+        "--out",
+        out_dir,
+        "--prefix",
+        "gcompris",
+        "--max-count",
+        "25",
+    ]);
+    assert!(out.status.success(), "pack failed:\n{}", stderr(&out));
+    let mut written: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("read out dir")
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(written, SHARD_FILES);
+    for name in SHARD_FILES {
+        let fresh = std::fs::read(dir.path().join(name)).expect("packed shard");
+        let committed = std::fs::read(fixtures().join("shards").join(name)).expect("fixture shard");
+        assert!(
+            fresh == committed,
+            "{name} differs from the committed fixture ({} vs {} bytes)",
+            fresh.len(),
+            committed.len()
+        );
+    }
+    // stdout lists the written shards, one path per line.
+    let listed: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).collect();
+    assert_eq!(listed, SHARD_FILES.iter().map(|n| dir.path().join(n)).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_corrupt_image_is_dropped_by_default_and_fails_the_run_on_request() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shards = specs(&make_shards(dir.path(), &[6], |g| if g == 2 { Fault::Corrupt } else { Fault::None }));
+    let bad = "s0/k00002";
+    let base = ["run", shards[0].as_str(), "--jsonl", "-", "--device", "cpu", "--image-size", "32"];
+
+    let out = juicer(&base);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 6, "five samples and one drop record");
+    let dropped: Vec<&Value> = recs.iter().filter(|r| r.get("dropped").is_some()).collect();
+    assert_eq!(dropped.len(), 1, "{recs:?}");
+    assert_eq!(dropped[0]["key"], bad);
+    assert_eq!(dropped[0]["dropped"], "undecodable_image");
+    let emitted: BTreeSet<String> = recs.iter().filter(|r| r.get("dropped").is_none()).map(key).collect();
+    assert_eq!(emitted.len(), 5);
+    assert!(!emitted.contains(bad));
+    let summary = summary_line(&out);
+    assert!(summary.contains("read 6 = emitted 5 + dropped 1"), "{summary}");
+
+    let out = juicer(&[&base[..], &["--on-error", "fail"]].concat());
+    assert!(!out.status.success(), "--on-error fail must fail the run");
+    assert!(stderr(&out).contains(bad), "stderr should name {bad}:\n{}", stderr(&out));
+}
+
+#[test]
+fn limit_stops_after_n_samples() {
+    let out = juicer(&["run", SHARDS, "--jsonl", "-", "--device", "cpu", "--limit", "10"]);
+    let recs = records(&out);
+    assert_eq!(recs.len(), 10);
+    let pairs = pairs();
+    let keys: BTreeSet<String> = recs.iter().map(key).collect();
+    assert_eq!(keys.len(), 10);
+    assert!(keys.iter().all(|k| pairs.contains_key(k)), "{keys:?}");
+    let summary = summary_line(&out);
+    assert!(summary.contains("read 10 = emitted 10 + dropped 0"), "{summary}");
+}
+
+#[test]
+fn ranks_split_the_shards_and_together_read_every_key_once() {
+    // `--epoch-size exhaust`: every rank reads all of its shards (the default for several ranks drops the
+    // longer ranks' remainder so that batch counts match, and then the union is not the whole data set).
+    let per_shard: Vec<BTreeSet<String>> =
+        SHARD_FILES.iter().map(|n| shard_keys(&fixtures().join("shards").join(n))).collect();
+    assert_eq!(per_shard.iter().map(BTreeSet::len).sum::<usize>(), 73);
+    let mut all = Vec::new();
+    for rank in 0..3 {
+        let r = rank.to_string();
+        let args = ["run", SHARDS, "--jsonl", "-", "--device", "cpu", "--rank", &r, "--world-size", "3"];
+        let out = juicer(&[&args[..], &["--epoch-size", "exhaust"]].concat());
+        let keys: BTreeSet<String> = records(&out).iter().map(key).collect();
+        assert!(!keys.is_empty(), "rank {rank} read nothing");
+        let home: Vec<usize> = (0..3).filter(|&s| !keys.is_disjoint(&per_shard[s])).collect();
+        assert_eq!(home, [rank], "rank {rank} read from shards {home:?} (shard order is not shuffled by default)");
+        assert_eq!(keys, per_shard[home[0]], "rank {rank} must read its whole shard");
+        all.extend(keys);
+    }
+    all.sort();
+    let unique: BTreeSet<String> = all.iter().cloned().collect();
+    assert_eq!(all.len(), unique.len(), "a key was read by two ranks");
+    assert_eq!(unique, pairs().keys().cloned().collect::<BTreeSet<_>>());
+}
+
+#[test]
+fn rank_one_of_three_reads_only_its_shard_under_the_default_epoch_policy() {
+    // Default `auto` = drop-remainder across ranks: floor(23 / 8) = 2 batches of 8 on every rank (the
+    // smallest rank has 23 samples), all from rank 1's one shard (shard order is not shuffled by default).
+    let args = ["run", SHARDS, "--jsonl", "-", "--device", "cpu", "--rank", "1", "--world-size", "3"];
+    let out = juicer(&[&args[..], &["--batch-size", "8"]].concat());
+    let keys: BTreeSet<String> = records(&out).iter().map(key).collect();
+    assert_eq!(keys.len(), 16, "{keys:?}");
+    let from: Vec<&str> = SHARD_FILES
+        .iter()
+        .copied()
+        .filter(|n| !keys.is_disjoint(&shard_keys(&fixtures().join("shards").join(n))))
+        .collect();
+    assert_eq!(from, ["gcompris-000001.tar"]);
+}
+
+#[test]
+fn a_missing_shard_fails_naming_it() {
+    let out = juicer(&["run", "fixtures/shards/gcompris-{000000..000003}.tar", "--device", "cpu"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("gcompris-000003.tar"), "{}", stderr(&out));
+
+    let out = juicer(&["run", "fixtures/shards/gcompris-000000.tar", "fixtures/shards/nope.tar", "--device", "cpu"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("fixtures/shards/nope.tar"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_bogus_device_fails_with_a_clear_message() {
+    let out = juicer(&["run", SHARDS, "--device", "bogus"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("bogus") && err.contains("expected auto, cpu, wgpu or wgpu:N"), "{err}");
+    assert!(out.stdout.is_empty());
+}
