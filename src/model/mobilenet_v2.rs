@@ -1,0 +1,495 @@
+//! torchvision's MobileNetV2 (ImageNet-1k) in burn, loading torchvision's `state_dict` key names from safetensors.
+//!
+//! The module tree mirrors torchvision's exactly, so the tensor paths of [`MobileNetV2`] *are* torchvision's key
+//! names (`features.0.0.weight`, `features.3.conv.1.1.running_var`, `classifier.1.bias`, ...) and loading needs no
+//! key remapping:
+//! - `features.0` and `features.18` are `Conv2dNormActivation` (conv `0`, BatchNorm `1`, ReLU6): a [`ConvBn`] tuple
+//!   inside [`Feature::ConvBnRelu6`];
+//! - `features.1` ... `features.17` are [`InvertedResidual`] blocks whose `conv` Sequential is an
+//!   [`InvertedResidualConv`] tuple (the enum variant names are skipped in the paths when loading);
+//! - `classifier` is `(Dropout(0.2), Linear(1280 → 1000))`.
+//!
+//! Every conv has no bias and is followed by BatchNorm (eps 1e-5, running statistics); padding is `(k-1)/2`.
+//!
+//! Loading ([`load`], [`load_bytes`], [`embedded`]) is strict: before any tensor is read, the safetensors header is
+//! checked against the tensors the model expects (names, shapes, `F32` dtype, byte ranges inside the file), and any
+//! missing, extra, misshaped, wrongly typed or truncated tensor fails with [`Error::Weights`] naming the file and
+//! the tensor. The weights are then applied with burn-store's [`SafetensorsStore`] and [`PyTorchToBurnAdapter`]
+//! (which transposes the Linear weight and maps BatchNorm `weight`/`bias` to `gamma`/`beta`).
+//!
+//! The embedded weights are torchvision's `MobileNet_V2_Weights.IMAGENET1K_V1` (BSD-3-Clause, see
+//! `fixtures/mobilenet_v2/LICENSE-torchvision`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::LazyLock;
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn::tensor::activation::relu6;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::{Error, Result};
+
+/// Number of channels of the feature map returned by [`MobileNetV2::forward_features`].
+pub const FEATURE_CHANNELS: usize = 1280;
+
+/// Number of ImageNet-1k classes of the pretrained classifier.
+pub const NUM_CLASSES: usize = 1000;
+
+/// Side of the input the pretrained model expects (the 224×224 centre crop).
+pub const INPUT_SIZE: usize = 224;
+
+/// Total stride of [`MobileNetV2::forward_features`]: a 224×224 input gives a 7×7 feature map.
+pub const STRIDE: usize = 32;
+
+/// Per-channel RGB mean of the ImageNet normalisation (`(x/255 - mean) / std`).
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+
+/// Per-channel RGB standard deviation of the ImageNet normalisation.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// The `file` reported in errors for the weights embedded by [`embedded`].
+pub const EMBEDDED_WEIGHTS_NAME: &str = "<embedded> fixtures/mobilenet_v2/mobilenet_v2.safetensors";
+
+/// The `file` reported in errors for weights given to [`load_bytes`].
+pub const BYTES_WEIGHTS_NAME: &str = "<in-memory safetensors>";
+
+/// torchvision's `IMAGENET1K_V1` MobileNetV2 weights (262 `F32` tensors, 14 MB), embedded in the binary.
+static EMBEDDED_WEIGHTS: &[u8] =
+    include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mobilenet_v2/mobilenet_v2.safetensors"));
+
+/// The 1000 ImageNet class names, one a line, in class-index order.
+static IMAGENET_CLASSES_TXT: &str =
+    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mobilenet_v2/imagenet_classes.txt"));
+
+static IMAGENET_CLASSES: LazyLock<Vec<&'static str>> = LazyLock::new(|| IMAGENET_CLASSES_TXT.lines().collect());
+
+/// The 1000 ImageNet-1k class names in class-index order (`imagenet_classes()[388] == "giant panda"`), as
+/// torchvision's `MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]`.
+pub fn imagenet_classes() -> &'static [&'static str] {
+    &IMAGENET_CLASSES
+}
+
+/// The inverted residual settings of torchvision's MobileNetV2 (width multiplier 1.0): expansion `t`, output
+/// channels `c`, repeats `n`, stride of the first repeat `s`.
+const INVERTED_RESIDUAL_SETTING: [(usize, usize, usize, usize); 7] =
+    [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)];
+
+/// Output channels of `features.0`.
+const STEM_CHANNELS: usize = 32;
+
+/// A convolution (no bias) followed by BatchNorm: torchvision's `Conv2dNormActivation` minus its (weightless)
+/// activation. The tuple indices are torchvision's Sequential indices: `0` is the conv, `1` the BatchNorm.
+pub type ConvBn = (Conv2d, BatchNorm);
+
+/// Configuration of a [`MobileNetV2`], created with [`MobileNetV2Config::new`] and built with
+/// [`MobileNetV2Config::init`]. The defaults are torchvision's `mobilenet_v2()`.
+#[derive(Config, Debug)]
+pub struct MobileNetV2Config {
+    /// Number of output classes of the classifier.
+    #[config(default = 1000)]
+    pub num_classes: usize,
+    /// BatchNorm epsilon.
+    #[config(default = 1e-5)]
+    pub bn_epsilon: f64,
+    /// Dropout probability before the classifier (identity in inference).
+    #[config(default = 0.2)]
+    pub dropout: f64,
+}
+
+/// One entry of `features`: either a conv-BN-ReLU6 (`features.0`, `features.18`) or an inverted residual block.
+#[derive(Module, Debug)]
+// burn has no `Module` for `Box`, and the 19 entries are built once: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Feature {
+    /// torchvision's `Conv2dNormActivation` with ReLU6.
+    ConvBnRelu6(ConvBn),
+    /// torchvision's `InvertedResidual`.
+    InvertedResidual(InvertedResidual),
+}
+
+/// The `conv` Sequential of an [`InvertedResidual`]; the tuple indices are torchvision's.
+#[derive(Module, Debug)]
+// burn has no `Module` for `Box`, and the 19 entries are built once: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum InvertedResidualConv {
+    /// Expansion 1 (`features.1`): `0` depthwise 3×3 conv-BN-ReLU6, `1` projection 1×1 conv, `2` its BatchNorm.
+    Depthwise((ConvBn, Conv2d, BatchNorm)),
+    /// Expansion > 1: `0` expansion 1×1 conv-BN-ReLU6, `1` depthwise 3×3 conv-BN-ReLU6, `2` projection 1×1 conv,
+    /// `3` its BatchNorm.
+    Expanded((ConvBn, ConvBn, Conv2d, BatchNorm)),
+}
+
+/// torchvision's `InvertedResidual`: (expand →) depthwise → linear projection, plus the input when the block keeps
+/// the stride at 1 and the channel count unchanged.
+#[derive(Module, Debug)]
+pub struct InvertedResidual {
+    /// The block's layers, under torchvision's name `conv`.
+    pub conv: InvertedResidualConv,
+    /// Whether the block input is added to its output (stride 1 and as many input as output channels).
+    pub use_residual: bool,
+}
+
+/// torchvision's MobileNetV2: `features` (stride 32, 1280 channels, values in [0, 6]), then the mean over H×W, then
+/// `classifier` (Dropout, Linear → logits).
+#[derive(Module, Debug)]
+pub struct MobileNetV2 {
+    /// `features.0` ... `features.18`.
+    pub features: Vec<Feature>,
+    /// `classifier.0` (Dropout) and `classifier.1` (Linear 1280 → `num_classes`, weight stored `[1280, classes]`).
+    pub classifier: (Dropout, Linear),
+}
+
+/// A `k`×`k` conv (padding `(k-1)/2`, no bias) with BatchNorm.
+fn conv_bn(cin: usize, cout: usize, kernel: usize, stride: usize, groups: usize, eps: f64, device: &Device) -> ConvBn {
+    let pad = (kernel - 1) / 2;
+    let conv = Conv2dConfig::new([cin, cout], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_groups(groups)
+        .with_padding(PaddingConfig2d::Explicit(pad, pad, pad, pad))
+        .with_bias(false)
+        .init(device);
+    (conv, BatchNormConfig::new(cout).with_epsilon(eps).init(device))
+}
+
+/// Applies a [`ConvBn`] then ReLU6.
+fn conv_bn_relu6(layer: &ConvBn, x: Tensor<4>) -> Tensor<4> {
+    relu6(layer.1.forward(layer.0.forward(x)))
+}
+
+impl MobileNetV2Config {
+    /// Builds a randomly initialised [`MobileNetV2`] on `device` (use [`load`] or [`embedded`] for the pretrained
+    /// weights).
+    pub fn init(&self, device: &Device) -> MobileNetV2 {
+        let eps = self.bn_epsilon;
+        let mut features = Vec::with_capacity(19);
+        features.push(Feature::ConvBnRelu6(conv_bn(3, STEM_CHANNELS, 3, 2, 1, eps, device)));
+        let mut cin = STEM_CHANNELS;
+        for (t, c, n, s) in INVERTED_RESIDUAL_SETTING {
+            for i in 0..n {
+                let stride = if i == 0 { s } else { 1 };
+                features.push(Feature::InvertedResidual(InvertedResidual::new(cin, c, stride, t, eps, device)));
+                cin = c;
+            }
+        }
+        features.push(Feature::ConvBnRelu6(conv_bn(cin, FEATURE_CHANNELS, 1, 1, 1, eps, device)));
+        let classifier = (
+            DropoutConfig::new(self.dropout).init(),
+            LinearConfig::new(FEATURE_CHANNELS, self.num_classes).init(device),
+        );
+        MobileNetV2 { features, classifier }
+    }
+}
+
+impl InvertedResidual {
+    /// A block `cin` → `cout` with the given stride of its depthwise conv and expansion ratio.
+    fn new(cin: usize, cout: usize, stride: usize, expand: usize, eps: f64, device: &Device) -> Self {
+        let hidden = cin * expand;
+        let conv = if expand == 1 {
+            let (project, bn) = conv_bn(hidden, cout, 1, 1, 1, eps, device);
+            InvertedResidualConv::Depthwise((conv_bn(hidden, hidden, 3, stride, hidden, eps, device), project, bn))
+        } else {
+            let (project, bn) = conv_bn(hidden, cout, 1, 1, 1, eps, device);
+            InvertedResidualConv::Expanded((
+                conv_bn(cin, hidden, 1, 1, 1, eps, device),
+                conv_bn(hidden, hidden, 3, stride, hidden, eps, device),
+                project,
+                bn,
+            ))
+        };
+        Self { conv, use_residual: stride == 1 && cin == cout }
+    }
+
+    /// Applies the block.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in_channels, height, width]`
+    /// - output: `[batch, out_channels, height / stride, width / stride]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let y = match &self.conv {
+            InvertedResidualConv::Depthwise((dw, project, bn)) => {
+                bn.forward(project.forward(conv_bn_relu6(dw, x.clone())))
+            }
+            InvertedResidualConv::Expanded((expand, dw, project, bn)) => {
+                bn.forward(project.forward(conv_bn_relu6(dw, conv_bn_relu6(expand, x.clone()))))
+            }
+        };
+        if self.use_residual { y + x } else { y }
+    }
+}
+
+impl Feature {
+    /// Applies this entry of `features`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, in_channels, height, width]`
+    /// - output: `[batch, out_channels, height / stride, width / stride]`
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Feature::ConvBnRelu6(layer) => conv_bn_relu6(layer, x),
+            Feature::InvertedResidual(block) => block.forward(x),
+        }
+    }
+}
+
+impl MobileNetV2 {
+    /// torchvision's `model.features(x)`: the last feature map, after the final ReLU6 (values in [0, 6]).
+    ///
+    /// `x` is RGB, `/255`, normalised with [`IMAGENET_MEAN`] / [`IMAGENET_STD`].
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, height, width]` (`[N, 3, 224, 224]` for the pretrained model)
+    /// - output: `[batch, 1280, ceil(height / 32), ceil(width / 32)]` (`[N, 1280, 7, 7]`)
+    ///
+    /// # Panics
+    /// If `x` does not have 3 channels.
+    pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
+        self.features.iter().fold(x, |x, feature| feature.forward(x))
+    }
+
+    /// The head: mean over H×W (`adaptive_avg_pool2d(·, 1)`), flatten, Dropout (identity in inference), Linear.
+    ///
+    /// # Shapes
+    /// - `features`: `[batch, 1280, height, width]`
+    /// - output: `[batch, num_classes]` logits
+    ///
+    /// # Panics
+    /// If `features` does not have 1280 channels.
+    pub fn classify(&self, features: Tensor<4>) -> Tensor<2> {
+        let [batch, channels, _, _] = features.dims();
+        let pooled: Tensor<3> = self.classifier.0.forward(features.mean_dims(&[2, 3]).reshape([batch, 1, channels]));
+        // `Linear::forward` as one [batch, 1280] × [1280, classes] product would change its summation order with the
+        // batch size (GEMV for one row, GEMM for several). One vector-matrix product per sample keeps every sample's
+        // logits bit-identical whatever it is batched with, like its features.
+        let weight = self.classifier.1.weight.val();
+        let [_, classes] = weight.dims();
+        let logits =
+            pooled.matmul(weight.unsqueeze::<3>().expand([batch, channels, classes])).reshape([batch, classes]);
+        match &self.classifier.1.bias {
+            Some(bias) => logits + bias.val().unsqueeze::<2>(),
+            None => logits,
+        }
+    }
+
+    /// [`forward_features`](Self::forward_features) then [`classify`](Self::classify).
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, 224, 224]`
+    /// - output: (`features` `[batch, 1280, 7, 7]`, `logits` `[batch, num_classes]`)
+    pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<2>) {
+        let features = self.forward_features(x);
+        let logits = self.classify(features.clone());
+        (features, logits)
+    }
+
+    /// The classifier weight in torchvision's layout, `W = classifier.1.weight`.
+    ///
+    /// # Shapes
+    /// - output: `[num_classes, 1280]`
+    pub fn classifier_weight(&self) -> Tensor<2> {
+        self.classifier.1.weight.val().transpose()
+    }
+
+    /// The classifier bias `b = classifier.1.bias`, or zeros if the Linear has none.
+    ///
+    /// # Shapes
+    /// - output: `[num_classes]`
+    pub fn classifier_bias(&self) -> Tensor<1> {
+        let weight = self.classifier.1.weight.val();
+        let [_, classes] = weight.dims();
+        match &self.classifier.1.bias {
+            Some(bias) => bias.val(),
+            None => Tensor::zeros([classes], &weight.device()),
+        }
+    }
+
+    /// Raw class activation maps: `cam[n, j, h, w] = Σ_k W[classes[j], k] · features[n, k, h, w]` with
+    /// `W = classifier.1.weight` (no bias, ReLU, normalisation or upsampling; the reference's `cam_top5`). Since
+    /// the head is mean-pool then Linear, `mean_hw(cam[n, j]) + b[classes[j]] == logits[n, classes[j]]`.
+    ///
+    /// # Shapes
+    /// - `features`: `[batch, 1280, height, width]` (from [`forward_features`](Self::forward_features))
+    /// - output: `[batch, classes.len(), height, width]`
+    ///
+    /// # Panics
+    /// If a class id is not below `num_classes`, or `features` does not have 1280 channels.
+    pub fn class_activation_maps(&self, features: Tensor<4>, classes: &[usize]) -> Tensor<4> {
+        let [batch, channels, height, width] = features.dims();
+        let weight = self.classifier.1.weight.val(); // [1280, num_classes]
+        let [_, num_classes] = weight.dims();
+        if let Some(bad) = classes.iter().find(|&&c| c >= num_classes) {
+            panic!("class_activation_maps: class id {bad} is out of range (the classifier has {num_classes} classes)");
+        }
+        let device = weight.device();
+        let ids: Vec<i64> = classes.iter().map(|&c| c as i64).collect();
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [classes.len()]), &device);
+        let selected = weight.select(1, ids).transpose(); // [J, 1280]
+        let flat: Tensor<3> = features.reshape([batch, channels, height * width]);
+        let cams = selected.unsqueeze::<3>().expand([batch, classes.len(), channels]).matmul(flat);
+        cams.reshape([batch, classes.len(), height, width])
+    }
+}
+
+/// Loads the pretrained weights from a safetensors file with torchvision's key names into a [`MobileNetV2`] (default
+/// config, inference mode) on `device`.
+///
+/// # Errors
+/// [`Error::Weights`] (naming `path` and, where there is one, the tensor) if the file cannot be read, is truncated
+/// or corrupt, lacks a tensor, has an extra one, or has one of the wrong shape or of a dtype other than `F32`.
+pub fn load(path: &Path, device: &Device) -> Result<MobileNetV2> {
+    let file = path.display().to_string();
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Weights { file: file.clone(), detail: format!("cannot read: {e}") })?;
+    load_named(bytes, &file, device)
+}
+
+/// Like [`load`], from the bytes of a safetensors file (errors report the file as [`BYTES_WEIGHTS_NAME`]).
+///
+/// # Errors
+/// As [`load`].
+pub fn load_bytes(bytes: &[u8], device: &Device) -> Result<MobileNetV2> {
+    load_named(bytes.to_vec(), BYTES_WEIGHTS_NAME, device)
+}
+
+/// The pretrained torchvision weights embedded in the binary (`fixtures/mobilenet_v2/mobilenet_v2.safetensors`).
+///
+/// # Errors
+/// As [`load`]; only possible if the embedded file was replaced by a broken one at build time.
+pub fn embedded(device: &Device) -> Result<MobileNetV2> {
+    load_named(EMBEDDED_WEIGHTS.to_vec(), EMBEDDED_WEIGHTS_NAME, device)
+}
+
+/// Validates `bytes` against the default model's tensors, then applies them.
+fn load_named(bytes: Vec<u8>, file: &str, device: &Device) -> Result<MobileNetV2> {
+    let err = |detail: String| Error::Weights { file: file.to_string(), detail };
+    let mut model = MobileNetV2Config::new().init(device);
+    let expected: BTreeMap<String, Vec<usize>> = model
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|t| (t.name, t.shape.to_vec()))
+        .collect();
+    check_header(&bytes, &expected).map_err(err)?;
+
+    let mut store = SafetensorsStore::from_bytes(Some(bytes))
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .skip_enum_variants(true)
+        .validate(true)
+        .allow_partial(false);
+    let result = model.load_from(&mut store).map_err(|e| err(format!("loading failed: {e}")))?;
+    // The header check makes these unreachable; kept so that a divergence can never load silently.
+    if let Some(e) = result.errors.first() {
+        return Err(err(e.to_string()));
+    }
+    if let Some((name, _)) = result.missing.first() {
+        return Err(err(format!("missing tensor `{name}`")));
+    }
+    if let Some(name) = result.unused.first() {
+        return Err(err(format!("unexpected tensor `{name}` (not used by MobileNetV2)")));
+    }
+    Ok(model.valid())
+}
+
+/// At most this many problems are listed in one error.
+const MAX_PROBLEMS: usize = 12;
+
+/// Checks a safetensors container's header (8-byte little-endian length, then JSON) against the expected tensor
+/// names and shapes: every tensor present once, no other, shapes equal, dtype `F32`, byte ranges consistent with the
+/// shapes, contiguous and inside the file. Returns a description of every problem found.
+fn check_header(bytes: &[u8], expected: &BTreeMap<String, Vec<usize>>) -> std::result::Result<(), String> {
+    let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(format!(
+            "truncated or not a safetensors file: {} bytes, less than the 8-byte header length",
+            bytes.len()
+        ));
+    };
+    let header_len = u64::from_le_bytes(*len_bytes);
+    let Some(header) = usize::try_from(header_len).ok().and_then(|n| rest.get(..n)) else {
+        return Err(format!(
+            "truncated or not a safetensors file: the header claims {header_len} bytes of JSON but only {} follow",
+            rest.len()
+        ));
+    };
+    let data_len = rest.len() - header.len();
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| format!("corrupt safetensors header (not a JSON object): {e}"))?;
+
+    let mut problems = Vec::new();
+    let mut ranges = Vec::new();
+    for name in expected.keys().filter(|name| !entries.contains_key(*name)) {
+        problems.push(format!("missing tensor `{name}` (expected shape {:?})", expected[name]));
+    }
+    for (name, entry) in entries.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
+        let Some((dtype, shape, begin, end)) = parse_entry(entry) else {
+            problems.push(format!("tensor `{name}`: corrupt header entry {entry}"));
+            continue;
+        };
+        match expected.get(name) {
+            None => problems.push(format!("unexpected tensor `{name}` ({dtype} {shape:?}): not used by MobileNetV2")),
+            Some(want) if *want != shape => {
+                problems.push(format!("tensor `{name}` has shape {shape:?}, expected {want:?}"))
+            }
+            Some(_) => {}
+        }
+        if dtype != "F32" {
+            problems.push(format!("tensor `{name}` has dtype {dtype}, expected F32"));
+        }
+        if end < begin || end > data_len {
+            problems.push(format!(
+                "tensor `{name}` spans bytes {begin}..{end} but the data section has {data_len} bytes: the file is \
+                 truncated or corrupt"
+            ));
+        } else if dtype == "F32" && shape.iter().product::<usize>().checked_mul(4) != Some(end - begin) {
+            problems.push(format!(
+                "tensor `{name}` has {} bytes of data, but F32 {shape:?} needs {}: corrupt header",
+                end - begin,
+                shape.iter().product::<usize>() * 4
+            ));
+        }
+        ranges.push((begin, end, name.as_str()));
+    }
+    if problems.is_empty() {
+        ranges.sort_unstable();
+        let mut pos = 0;
+        for (begin, end, name) in ranges {
+            if begin != pos {
+                problems.push(format!(
+                    "tensor `{name}` starts at byte {begin} of the data section, expected {pos}: corrupt header \
+                     (overlapping or gapped data)"
+                ));
+            }
+            pos = end;
+        }
+        if problems.is_empty() && pos != data_len {
+            problems.push(format!("{} unexplained trailing bytes after the last tensor", data_len - pos));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let more = problems.len().saturating_sub(MAX_PROBLEMS);
+    problems.truncate(MAX_PROBLEMS);
+    let mut detail = problems.join("; ");
+    if more > 0 {
+        detail.push_str(&format!("; ... and {more} more problems"));
+    }
+    Err(detail)
+}
+
+/// `(dtype, shape, begin, end)` of one safetensors header entry, or `None` if it is malformed.
+fn parse_entry(entry: &serde_json::Value) -> Option<(&str, Vec<usize>, usize, usize)> {
+    let dtype = entry.get("dtype")?.as_str()?;
+    let shape = entry
+        .get("shape")?
+        .as_array()?
+        .iter()
+        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+        .collect::<Option<Vec<usize>>>()?;
+    let offsets = entry.get("data_offsets")?.as_array()?;
+    let [begin, end] = offsets.as_slice() else { return None };
+    let offset = |v: &serde_json::Value| v.as_u64().and_then(|v| usize::try_from(v).ok());
+    Some((dtype, shape, offset(begin)?, offset(end)?))
+}
