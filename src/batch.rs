@@ -4,13 +4,12 @@
 //! and marks real patches in `patch_mask`. Users who want another layout plug their own
 //! `burn::data::dataloader::batcher::Batcher<JuicedSample, O>` into the builder instead.
 //!
-//! Until the vision branch prunes, every patch of the image is kept (`K = gh·gw`), and until the text branch
-//! lands the batch carries no caption tokens, only the caption strings on the host side.
+//! Until the text branch lands the batch carries no caption tokens, only the caption strings on the host side.
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::sample::JuicedSample;
+use crate::sample::{Class, JuicedSample};
 
 /// A batch of juiced samples on the target device.
 #[derive(Debug, Clone)]
@@ -25,6 +24,12 @@ pub struct JuicedBatch {
     pub keys: Vec<String>,
     /// Original captions, host side.
     pub captions: Vec<Option<String>>,
+    /// Raw patch scores per sample, host side.
+    pub scores: Vec<Vec<f32>>,
+    /// Kept patch indices per sample (unpadded `positions`), host side.
+    pub kept: Vec<Vec<u32>>,
+    /// Extracted classes per sample, host side.
+    pub classes: Vec<Vec<Class>>,
     /// Patch grid `(rows, cols)` shared by the batch.
     pub grid: (usize, usize),
     /// Patch side P in pixels.
@@ -62,6 +67,9 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
         let mut mask = vec![false; b * k];
         let mut keys = Vec::with_capacity(b);
         let mut captions = Vec::with_capacity(b);
+        let mut scores = Vec::with_capacity(b);
+        let mut kept = Vec::with_capacity(b);
+        let mut classes = Vec::with_capacity(b);
         for (i, s) in items.into_iter().enumerate() {
             let n = s.kept().min(k);
             patches[i * k * dim..(i * k + n) * dim].copy_from_slice(&s.patches[..n * dim]);
@@ -71,6 +79,9 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
             }
             keys.push(s.key);
             captions.push(s.caption);
+            scores.push(s.scores);
+            kept.push(s.positions);
+            classes.push(s.classes);
         }
         JuicedBatch {
             patches: Tensor::from_data(TensorData::new(patches, [b, k, dim]), device),
@@ -78,6 +89,9 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
             patch_mask: Tensor::from_data(TensorData::new(mask, [b, k]), device),
             keys,
             captions,
+            scores,
+            kept,
+            classes,
             grid,
             patch,
         }

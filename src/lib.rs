@@ -70,8 +70,8 @@
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
-//!   when the item leaves in order, so at most `2·capacity + workers + 1` items are between the shuffle and
-//!   the sink, and the sink's reorder buffer never holds more.
+//!   when the item leaves in order, so at most `5·capacity + 3·workers + 2·micro_batch + 1` items are between
+//!   the shuffle and the sink, and the sink's reorder buffer never holds more.
 //! - **Deterministic.** The output is a function of the seed, the epoch and the sources, not of worker counts:
 //!   reader worker `r` only prefetches tasks `t ≡ r (mod R)`, the sequencer consumes tasks in order, sequence
 //!   numbers are assigned after the shuffle and the sink restores their order.
@@ -101,10 +101,13 @@ pub mod rng;
 pub mod sample;
 pub mod source;
 pub mod stage;
+pub mod vision;
 
 pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
 pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, Summary};
 pub use plan::{EpochSize, LoaderState, World};
-pub use sample::{Decoded, JuicedSample, RawSample, SourcePos};
+pub use sample::{Class, Decoded, JuicedSample, RawSample, SourcePos};
+pub use vision::ScorerSpec;
+pub use vision::prune::{KeepPolicy, PruneConfig};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use juicer::source::{Shard, ShardWriter, resolve};
-use juicer::{DeviceSpec, EpochSize, JuicedBatch, OnError, SampleError, Summary};
+use juicer::{DeviceSpec, EpochSize, JuicedBatch, KeepPolicy, OnError, PruneConfig, SampleError, ScorerSpec, Summary};
 
 #[derive(Parser)]
 #[command(
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Stream the pipeline over SOURCES and print a summary (and per-sample records with --jsonl).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Pack a folder of images + captions JSONL into WebDataset tar shards.
     Pack(PackArgs),
 }
@@ -96,6 +96,50 @@ struct RunArgs {
     /// What to do with a bad sample.
     #[arg(long, value_enum, default_value = "drop")]
     on_error: ErrorPolicy,
+    /// Patch saliency scorer.
+    #[arg(long, value_enum, default_value = "cam")]
+    scorer: ScorerArg,
+    /// Weights folder for `--scorer attention` (HuggingFace ViT: model.safetensors + config.json).
+    #[arg(long, value_name = "DIR")]
+    weights: Option<PathBuf>,
+    /// MobileNetV2 safetensors (torchvision names) instead of the embedded ImageNet weights.
+    #[arg(long, value_name = "FILE")]
+    classifier_weights: Option<PathBuf>,
+    /// Fraction of patches to keep (ratio policy).
+    #[arg(long, default_value_t = 0.5, conflicts_with_all = ["keep_threshold", "keep_mass"])]
+    keep_ratio: f32,
+    /// Keep patches whose min-max normalised score is at least this.
+    #[arg(long)]
+    keep_threshold: Option<f32>,
+    /// Keep the smallest top set holding this share of the softmax mass.
+    #[arg(long)]
+    keep_mass: Option<f32>,
+    /// Never keep fewer patches.
+    #[arg(long, default_value_t = 1)]
+    min_keep: usize,
+    /// Never keep more patches.
+    #[arg(long)]
+    max_keep: Option<usize>,
+    /// Candidate classes per image.
+    #[arg(long, default_value_t = 3)]
+    top_k: usize,
+    /// Minimum full-image probability of a class.
+    #[arg(long, default_value_t = 0.15)]
+    min_prob: f32,
+    /// JSON {"<class id>": "<name>"} restricting and renaming the classes.
+    #[arg(long, value_name = "FILE")]
+    vocabulary: Option<PathBuf>,
+    /// Items per model micro-batch.
+    #[arg(long, default_value_t = 16)]
+    micro_batch: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScorerArg {
+    Cam,
+    Attention,
+    Random,
+    None,
 }
 
 #[derive(Args)]
@@ -119,7 +163,7 @@ struct PackArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Pack(args) => pack(args),
     };
     match result {
@@ -147,12 +191,15 @@ fn record_dropped(e: &SampleError) -> serde_json::Value {
 }
 
 fn records(batch: &JuicedBatch) -> impl Iterator<Item = serde_json::Value> + '_ {
-    batch.keys.iter().zip(&batch.captions).map(|(key, caption)| {
+    (0..batch.len()).map(|i| {
         serde_json::json!({
-            "key": key,
+            "key": batch.keys[i],
             "grid": [batch.grid.0, batch.grid.1],
             "patch": batch.patch,
-            "caption": caption,
+            "scores": batch.scores[i],
+            "kept": batch.kept[i],
+            "classes": batch.classes[i],
+            "caption": batch.captions[i],
         })
     })
 }
@@ -190,6 +237,34 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(w) = args.world_size {
         builder = builder.world_size(w);
+    }
+    builder = builder
+        .scorer(ScorerSpec::parse(
+            match args.scorer {
+                ScorerArg::Cam => "cam",
+                ScorerArg::Attention => "attention",
+                ScorerArg::Random => "random",
+                ScorerArg::None => "none",
+            },
+            args.weights.as_deref(),
+        )?)
+        .prune(PruneConfig {
+            policy: match (args.keep_threshold, args.keep_mass) {
+                (Some(t), _) => KeepPolicy::Threshold(t),
+                (None, Some(m)) => KeepPolicy::Mass(m),
+                (None, None) => KeepPolicy::Ratio(args.keep_ratio),
+            },
+            min_keep: args.min_keep,
+            max_keep: args.max_keep,
+        })
+        .top_k(args.top_k)
+        .min_prob(args.min_prob)
+        .micro_batch(args.micro_batch);
+    if let Some(w) = &args.classifier_weights {
+        builder = builder.classifier_weights(w);
+    }
+    if let Some(v) = &args.vocabulary {
+        builder = builder.vocabulary(v);
     }
     let loader = builder.build()?;
     let mut out: Option<Box<dyn Write>> = match args.jsonl.as_deref() {
@@ -282,6 +357,14 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
         s.batches,
         s.emitted as f64 / el,
         el
+    );
+    eprintln!(
+        "  patches  kept {} of {} ({:.1} %)   classes extracted {}   classifier forwards {}",
+        s.patches_kept,
+        s.patches_total,
+        100.0 * s.kept_ratio(),
+        s.classes,
+        s.classifier_images
     );
     for (reason, n) in &s.dropped {
         eprintln!("  dropped  {reason:<18} {n}");

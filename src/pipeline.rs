@@ -17,16 +17,22 @@ use futures::Stream;
 use serde::Serialize;
 
 use crate::batch::{JuicedBatch, JuicedBatcher};
-use crate::decode::{DecodeConfig, Decoder, grid, patchify};
+use crate::decode::{DecodeConfig, Decoder};
 use crate::device::DeviceSpec;
 use crate::error::{Error, OnError, Result, SampleError};
 use crate::graph::{Envelope, Graph, Run, SinkLogic, SinkStep, StageSnapshot};
+use crate::model::vit::{self, ViT};
 use crate::plan::{EpochSize, LoaderState, ShardPlan, Trace, World};
 use crate::reader::{ReadSetup, reader_worker, sequencer};
 use crate::rng::hash_str;
 use crate::sample::{Decoded, JuicedSample, RawSample};
 use crate::source::{ReadOptions, Shard, resolve};
 use crate::stage::Stage;
+use crate::vision::prune::{KeepPolicy, PruneConfig};
+use crate::vision::{
+    AttentionScorer, CamScorer, Classifier, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig, Vocabulary,
+};
+use std::sync::atomic::Ordering;
 
 /// Every knob of the pipeline. Build it through [`JuicerBuilder`]; the defaults suit a single GPU trainer.
 #[derive(Debug, Clone)]
@@ -61,8 +67,10 @@ pub struct Config {
     pub read: ReadOptions,
     /// Entries per virtual shard of a folder + JSONL source (default 256).
     pub folder_shard_size: usize,
-    /// Device the batches are created on.
+    /// Device the models run on and the batches are created on.
     pub device: DeviceSpec,
+    /// The vision branch: scorer, keep policy, class extraction.
+    pub vision: VisionConfig,
 }
 
 impl Default for Config {
@@ -84,6 +92,7 @@ impl Default for Config {
             read: ReadOptions::default(),
             folder_shard_size: 256,
             device: DeviceSpec::Auto,
+            vision: VisionConfig::default(),
         }
     }
 }
@@ -92,6 +101,7 @@ impl Config {
     /// Every problem with this configuration (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut p = self.decode.validate();
+        p.extend(self.vision.problems());
         if self.batch_size == 0 {
             p.push("batch_size must be at least 1".into());
         }
@@ -183,6 +193,34 @@ impl JuicerBuilder {
         device: DeviceSpec => device);
     verb!(/// Shard reading options.
         read_options: ReadOptions => read);
+    verb!(/// Saliency scorer.
+        scorer: ScorerSpec => vision.scorer);
+    verb!(/// Keep policy and bounds.
+        prune: PruneConfig => vision.prune);
+    verb!(/// Candidate classes per image.
+        top_k: usize => vision.top_k);
+    verb!(/// Minimum class probability.
+        min_prob: f32 => vision.min_prob);
+    verb!(/// Items per model micro-batch.
+        micro_batch: usize => vision.micro_batch);
+
+    /// Keeps this fraction of the patches (the `ratio` policy).
+    pub fn keep_ratio(mut self, ratio: f32) -> Self {
+        self.config.vision.prune.policy = KeepPolicy::Ratio(ratio);
+        self
+    }
+
+    /// MobileNetV2 weights (safetensors, torchvision names) instead of the embedded ones.
+    pub fn classifier_weights(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.vision.classifier_weights = Some(path.into());
+        self
+    }
+
+    /// A JSON vocabulary `{"<class id>": "<name>"}` restricting and renaming the extracted classes.
+    pub fn vocabulary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.vision.vocabulary = Some(path.into());
+        self
+    }
 
     /// Stops each epoch after `n` samples.
     pub fn limit(mut self, n: u64) -> Self {
@@ -240,8 +278,10 @@ impl JuicerBuilder {
         let fingerprint =
             format!("{:016x}", shards.iter().fold(hash_str(""), |h, s| crate::rng::derive(h, &[hash_str(&s.name())])));
         let device = self.config.device.resolve()?;
+        let mut config = self.config;
+        let models = Models::load(&mut config, &device)?;
         Ok(Juicer {
-            shared: Arc::new(Shared { shards, config: self.config, world, fingerprint, counts: OnceLock::new() }),
+            shared: Arc::new(Shared { shards, config, world, fingerprint, counts: OnceLock::new(), models }),
             batcher: Arc::new(batcher),
             device,
             next: Arc::new(Mutex::new(Next::Epoch(0))),
@@ -256,6 +296,55 @@ struct Shared {
     world: World,
     fingerprint: String,
     counts: OnceLock<std::result::Result<Vec<usize>, String>>,
+    models: Models,
+}
+
+/// Models loaded (and checked) at build time, cloned into each epoch's model threads.
+#[derive(Clone)]
+struct Models {
+    classifier: Classifier,
+    vit: Option<ViT>,
+    vocabulary: Vocabulary,
+    /// Mean/std of the decoded pixels when they are not ImageNet's (attention preprocessing).
+    input_norm: Option<([f32; 3], [f32; 3])>,
+}
+
+impl std::fmt::Debug for Models {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Models").field("classifier", &self.classifier).field("vit", &self.vit.is_some()).finish()
+    }
+}
+
+impl Models {
+    /// Loads the classifier and, for the attention scorer, the ViT; adapts the decode settings to the scorer's
+    /// preprocessing (ViT mean/std and input size, patch size).
+    fn load(config: &mut Config, device: &Device) -> Result<Self> {
+        let v = &config.vision;
+        let classifier = Classifier::load(v.classifier_weights.as_deref(), device)?;
+        let mut vocabulary = Vocabulary::imagenet();
+        if let Some(path) = &v.vocabulary {
+            vocabulary = vocabulary.restrict_with(path)?;
+        }
+        let (vit, input_norm) = match &v.scorer {
+            ScorerSpec::Attention(dir) => {
+                let (vit, pre) = vit::load_dir(dir, device)?;
+                config.decode.mean = pre.mean;
+                config.decode.std = pre.std;
+                config.decode.image_size = pre.image_size;
+                config.patch_size = vit.config().patch_size;
+                (Some(vit), Some((pre.mean, pre.std)))
+            }
+            _ => (None, None),
+        };
+        if config.vision.scorer == ScorerSpec::None {
+            config.vision.prune.policy = KeepPolicy::Ratio(1.0);
+        }
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(Error::Config(problems));
+        }
+        Ok(Self { classifier, vit, vocabulary, input_norm })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -474,7 +563,8 @@ impl<O: Send + 'static> Juicer<O> {
             graph.spawn(&format!("read-{r}"), move || reader_worker(setup, r, n_readers, out))?;
         }
         // Items in flight between the shuffle and the sink are bounded by the edges and workers between them.
-        let window = 2 * cfg.capacity + cfg.decode_workers + 1;
+        // Five edges (shuffle→decode→score→prune→extract→sink), three per-item pools, up to two micro-batches.
+        let window = 5 * cfg.capacity + 3 * cfg.decode_workers + 2 * cfg.vision.micro_batch + 1;
         let resume = state.clone();
         let capacity = cfg.shuffle_buffer;
         let seq_setup = setup.clone();
@@ -486,12 +576,52 @@ impl<O: Send + 'static> Juicer<O> {
         })?;
         let decoded =
             graph.map(decoded_in, Arc::new(DecodeStage(Decoder::new(cfg.decode.clone()))), cfg.decode_workers)?;
+        let v = &cfg.vision;
+        let m = &s.models;
+        let workers = cfg.decode_workers;
+        let scored = match &v.scorer {
+            ScorerSpec::Cam => {
+                let stage = CamScorer {
+                    classifier: m.classifier.clone(),
+                    patch: cfg.patch_size,
+                    cam_top: v.cam_top,
+                    top_k: v.top_k,
+                };
+                graph.model("score", decoded, vec![move || Ok(stage)], v.micro_batch, v.max_wait)?
+            }
+            ScorerSpec::Attention(_) => {
+                let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
+                let stage = AttentionScorer { vit, device: self.device.clone() };
+                graph.model("score", decoded, vec![move || Ok(stage)], v.micro_batch, v.max_wait)?
+            }
+            ScorerSpec::Random => {
+                graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch: cfg.patch_size }), workers)?
+            }
+            ScorerSpec::None => {
+                graph.map(decoded, Arc::new(PlainScorer { seed: None, patch: cfg.patch_size }), workers)?
+            }
+        };
+        let pruned = graph.map(scored, Arc::new(PruneStage(v.prune)), workers)?;
+        let extract = Extract {
+            classifier: None,
+            top_k: v.top_k,
+            min_prob: v.min_prob,
+            margin: v.margin,
+            vocabulary: m.vocabulary.clone(),
+            input_norm: m.input_norm,
+        };
+        let juiced = if v.scorer == ScorerSpec::Cam {
+            // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
+            graph.map(pruned, Arc::new(extract), workers)?
+        } else {
+            let extract = Extract { classifier: Some(m.classifier.clone()), ..extract };
+            graph.model("extract", pruned, vec![move || Ok(extract)], v.micro_batch, v.max_wait)?
+        };
         let first_state = state.clone();
         let sink = BatchSink {
             batcher: self.batcher.clone(),
             device: self.device.clone(),
             batch_size: cfg.batch_size,
-            patch: cfg.patch_size,
             on_error: cfg.on_error,
             target,
             limit: cfg.limit,
@@ -501,7 +631,7 @@ impl<O: Send + 'static> Juicer<O> {
             pending: Vec::new(),
             dropped: Vec::new(),
         };
-        let run = graph.sink(decoded, credits, sink)?;
+        let run = graph.sink(juiced, credits, sink)?;
         let total = self
             .shared
             .counts
@@ -509,7 +639,16 @@ impl<O: Send + 'static> Juicer<O> {
             .and_then(|c| c.as_ref().ok())
             .map(|_| ())
             .and_then(|()| self.epoch_samples(first_state.epoch).ok());
-        Ok(JuicerIter { run, state: first_state, dropped: Vec::new(), started: Instant::now(), total, finished: false })
+        let forwards = s.models.classifier.forwards();
+        Ok(JuicerIter {
+            run,
+            forwards,
+            state: first_state,
+            dropped: Vec::new(),
+            started: Instant::now(),
+            total,
+            finished: false,
+        })
     }
 }
 
@@ -541,7 +680,6 @@ struct BatchSink<O> {
     batcher: Arc<dyn Batcher<JuicedSample, O>>,
     device: Device,
     batch_size: usize,
-    patch: usize,
     on_error: OnError,
     target: Option<u64>,
     limit: Option<u64>,
@@ -555,20 +693,6 @@ struct BatchSink<O> {
 }
 
 impl<O> BatchSink<O> {
-    fn assemble(&self, d: Decoded) -> JuicedSample {
-        let g = grid(d.size, self.patch);
-        let all: Vec<u32> = (0..(g.0 * g.1) as u32).collect();
-        JuicedSample {
-            patches: patchify(&d.pixels, d.size, self.patch, &all),
-            positions: all,
-            key: d.key,
-            grid: g,
-            patch: self.patch,
-            caption: d.caption,
-            meta: d.meta,
-        }
-    }
-
     fn flush(&mut self, complete: bool) -> Option<Output<O>> {
         if self.pending.is_empty() && self.dropped.is_empty() {
             return None;
@@ -596,11 +720,11 @@ impl<O> BatchSink<O> {
 }
 
 impl<O: Send + 'static> SinkLogic for BatchSink<O> {
-    type In = Decoded;
+    type In = JuicedSample;
     type Meta = Trace;
     type Out = Output<O>;
 
-    fn accept(&mut self, env: Envelope<Decoded, Trace>) -> SinkStep<Output<O>> {
+    fn accept(&mut self, env: Envelope<JuicedSample, Trace>) -> SinkStep<Output<O>> {
         if self.target.is_some_and(|t| self.state.batches >= t) {
             // A zero-batch epoch (a rank with fewer samples than one batch under DropRemainder).
             return SinkStep::Stop(self.finish(None));
@@ -616,9 +740,11 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
         self.state.samples_read += 1;
         let mut out = Vec::new();
         match env.body {
-            Ok(d) => {
+            Ok(s) => {
                 self.state.samples_emitted += 1;
-                let s = self.assemble(d);
+                self.state.patches_kept += s.positions.len() as u64;
+                self.state.patches_total += (s.grid.0 * s.grid.1) as u64;
+                self.state.classes += s.classes.len() as u64;
                 self.pending.push(s);
             }
             Err(e) => {
@@ -681,6 +807,14 @@ pub struct Summary {
     pub dropped: BTreeMap<String, u64>,
     /// Batches yielded.
     pub batches: u64,
+    /// Patches kept in emitted samples.
+    pub patches_kept: u64,
+    /// Patches of emitted samples, kept or not.
+    pub patches_total: u64,
+    /// Classes extracted for emitted samples.
+    pub classes: u64,
+    /// Images forwarded through the classifier backbone since the loader was built (all epochs).
+    pub classifier_images: u64,
     /// Wall time since the epoch started.
     pub elapsed: Duration,
     /// Per-stage counters.
@@ -688,6 +822,11 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Kept share of the patches of emitted samples.
+    pub fn kept_ratio(&self) -> f64 {
+        if self.patches_total == 0 { 0.0 } else { self.patches_kept as f64 / self.patches_total as f64 }
+    }
+
     /// Total dropped samples.
     pub fn dropped_total(&self) -> u64 {
         self.dropped.values().sum()
@@ -697,6 +836,7 @@ impl Summary {
 /// One epoch in progress. Dropping it stops the stage graph and joins its threads.
 pub struct JuicerIter<O> {
     run: Run<Output<O>>,
+    forwards: Arc<std::sync::atomic::AtomicU64>,
     state: LoaderState,
     dropped: Vec<SampleError>,
     started: Instant,
@@ -729,6 +869,10 @@ impl<O> JuicerIter<O> {
             emitted: self.state.samples_emitted,
             dropped: self.state.dropped.clone(),
             batches: self.state.batches,
+            patches_kept: self.state.patches_kept,
+            patches_total: self.state.patches_total,
+            classes: self.state.classes,
+            classifier_images: self.forwards.load(Ordering::Relaxed),
             elapsed: self.started.elapsed(),
             stages: self.run.metrics(),
         }
@@ -865,6 +1009,7 @@ impl Shared {
             world: self.world,
             fingerprint: self.fingerprint.clone(),
             counts: self.counts.get().cloned().map(OnceLock::from).unwrap_or_default(),
+            models: self.models.clone(),
         }
     }
 }

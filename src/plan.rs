@@ -168,6 +168,15 @@ pub struct LoaderState {
     pub batches: u64,
     /// Dropped samples so far this epoch, by reason.
     pub dropped: BTreeMap<String, u64>,
+    /// Patches kept in emitted samples so far this epoch.
+    #[serde(default)]
+    pub patches_kept: u64,
+    /// Patches of emitted samples so far this epoch (kept or not).
+    #[serde(default)]
+    pub patches_total: u64,
+    /// Classes extracted for emitted samples so far this epoch.
+    #[serde(default)]
+    pub classes: u64,
 }
 
 impl LoaderState {
@@ -192,6 +201,9 @@ impl LoaderState {
             samples_emitted: 0,
             batches: 0,
             dropped: BTreeMap::new(),
+            patches_kept: 0,
+            patches_total: 0,
+            classes: 0,
         }
     }
 

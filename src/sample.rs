@@ -1,8 +1,7 @@
 //! The sample lifecycle: what an item is at each edge of the stage graph.
 //!
-//! `RawSample` (read from a shard) → [`Decoded`] (pixels) → [`JuicedSample`] (what the batcher sees).
-//! Later stages (score, prune, extract, enrich) add their fields to [`Decoded`]'s successors; until they run,
-//! a [`JuicedSample`] carries every patch of the image and no caption tokens.
+//! [`RawSample`] (read from a shard) → [`Decoded`] (pixels) → `Scored` → `Pruned` (see [`crate::vision`]) →
+//! [`JuicedSample`] (kept patches, scores, classes: what the batcher sees).
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -54,11 +53,22 @@ pub struct Decoded {
     pub meta: Option<serde_json::Value>,
 }
 
+/// An object class extracted from an image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Class {
+    /// Class index in the classifier's label space (ImageNet-1k for the embedded MobileNetV2).
+    pub id: u32,
+    /// Class name (the first synonym of the ImageNet label, or the vocabulary's name).
+    pub name: String,
+    /// Softmax probability on the full image.
+    pub prob: f32,
+}
+
 /// One sample as the batcher receives it.
 ///
 /// `patches` holds the kept patches only, each flattened channel-major as `[3, P, P]` (the layout a
 /// `Conv2d` patch embedding with kernel = stride = P flattens to), and `positions` their row-major index in
-/// the `grid`. Until the vision branch prunes, every patch is kept.
+/// the `grid`.
 #[derive(Debug, Clone)]
 pub struct JuicedSample {
     /// Sample key.
@@ -71,6 +81,10 @@ pub struct JuicedSample {
     pub patches: Vec<f32>,
     /// Row-major grid index of each kept patch, sorted ascending, `len() == K`.
     pub positions: Vec<u32>,
+    /// Raw saliency score of every patch, row-major over the grid (empty for the `none` scorer).
+    pub scores: Vec<f32>,
+    /// Classes extracted from the kept patches.
+    pub classes: Vec<Class>,
     /// Original caption, when present.
     pub caption: Option<String>,
     /// Metadata, when present.

@@ -56,13 +56,14 @@ fn order_is_independent_of_worker_counts() {
 fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let shards = specs(&make_shards(dir.path(), &[200, 200], |_| Fault::None));
-    let (cap, workers, readers, buffer, bs) = (4usize, 2usize, 2usize, 8usize, 4usize);
+    let (cap, workers, readers, buffer, bs, micro) = (4usize, 2usize, 2usize, 8usize, 4usize, 4usize);
     let loader = builder(shards)
         .capacity(cap)
         .decode_workers(workers)
         .reader_workers(readers)
         .shuffle_buffer(buffer)
         .batch_size(bs)
+        .micro_batch(micro)
         .build()
         .unwrap();
     let mut it = loader.iter().unwrap();
@@ -83,18 +84,21 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     assert!(stable >= 10, "the graph never settled: {:?}", it.metrics());
     let m = it.metrics();
     let by = |n: &str| m.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("stage {n}")).clone();
-    let (read, shuffle, decode, batch) = (by("read"), by("shuffle"), by("decode"), by("batch"));
+    let read = by("read");
     assert!(read.items_out < 400, "reading stopped early: {read:?}");
-    for s in [&read, &shuffle, &decode, &batch] {
-        assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{}` waits on its output: {s:?}", s.name);
+    for name in ["read", "shuffle", "decode", "score", "prune", "extract", "batch"] {
+        let s = by(name);
+        assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{name}` waits on its output: {s:?}");
     }
-    assert_eq!(decode.queue_depth as usize, cap, "decode input edge is full");
+    assert_eq!(by("decode").queue_depth as usize, cap, "decode input edge is full");
     // Everything read but not handed to the consumer sits in an edge, the shuffle buffer or a worker.
     let consumed = bs as u64;
     let in_flight = read.items_out - consumed;
     let bound = readers * cap   // reader edges
         + buffer                // shuffle buffer
-        + cap + workers + cap   // decode in-edge, decode workers, decode out-edge
+        + 5 * cap               // shuffle→decode→score→prune→extract→sink edges
+        + 3 * workers           // decode, prune, extract workers
+        + micro                 // the micro-batch the score thread holds
         + 1                     // the item the sink holds
         + cap * bs              // batches waiting on the last edge
         + bs; // the batch being built

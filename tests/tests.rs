@@ -1,5 +1,8 @@
 //! The single integration-test binary (one link of burn instead of one per file, as ripgrep does).
 
+mod cli;
+mod mobilenet;
 mod pipeline;
 mod source;
 mod util;
+mod vit;
