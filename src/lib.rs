@@ -4,9 +4,9 @@
 //! image patch for saliency, keeps the salient ones, extracts the object classes the image shows and folds
 //! them into the caption (the DataJuicer method, arXiv 2503.14559), while the trainer consumes batches.
 //!
-//! **Status of the stages.** The runtime, the sources, decoding and batching are in place; score, prune,
-//! extract and enrich are not yet. Until they land a batch carries *every* patch of each image (`K = gh·gw`)
-//! and no caption tokens; nothing pretends to prune.
+//! **Status of the stages.** Everything up to `extract` runs: sources, decode, the vision branch (score with the
+//! embedded MobileNetV2 CAM or a HuggingFace ViT's attention, prune, extract) and batching. The text branch
+//! (`enrich`, CLIP tokens) is not there yet: batches carry the original caption strings and no tokens.
 //!
 //! ```no_run
 //! use juicer::{DeviceSpec, JuicedBatch};
@@ -63,8 +63,13 @@
 //!   as `Truncated`, never short.
 //! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`.
 //! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
-//!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`) and, later, in the model code.
+//!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`] and in the model
+//!   stages of [`vision`].
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
+//! - [`vision`]: scorer stages (`cam`, `attention`, `random`, `none`), [`vision::prune`] (keep policies), the
+//!   extract rule and stage, [`vision::cam`] (CAM maths on the host).
+//! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights) and a HuggingFace ViT.
+//!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
 //! - `src/main.rs`: the `juicer` CLI (`run`, `pack`); the only place `anyhow` is used.
 //!

@@ -91,17 +91,17 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
         assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{name}` waits on its output: {s:?}");
     }
     assert_eq!(by("decode").queue_depth as usize, cap, "decode input edge is full");
-    // Everything read but not handed to the consumer sits in an edge, the shuffle buffer or a worker.
+    // Everything read but not handed to the consumer sits in an edge, the shuffle buffer, a worker or the sink.
     let consumed = bs as u64;
     let in_flight = read.items_out - consumed;
     let bound = readers * cap   // reader edges
         + buffer                // shuffle buffer
-        + 5 * cap               // shuffle→decode→score→prune→extract→sink edges
-        + 3 * workers           // decode, prune, extract workers
-        + micro                 // the micro-batch the score thread holds
-        + 1                     // the item the sink holds
+        // Between the shuffle and the sink: the credit window (edges, workers, micro-batches, reorder buffer).
+        + 5 * cap + 3 * workers + 2 * micro + 1
         + cap * bs              // batches waiting on the last edge
-        + bs; // the batch being built
+        + bs                    // the full batch the sink holds while blocked on the last edge
+        + bs                    // the batch being built
+        + 2; // end-of-shard markers the readers count as sent (one per shard)
     assert!(in_flight as usize <= bound, "in flight {in_flight} > bound {bound}");
     drop(it);
 }
