@@ -89,6 +89,8 @@ impl fmt::Display for SampleError {
     }
 }
 
+impl std::error::Error for SampleError {}
+
 /// What the pipeline does with a bad sample.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -71,7 +71,8 @@
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights) and a HuggingFace ViT.
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
-//! - `src/main.rs`: the `juicer` CLI (`run`, `pack`); the only place `anyhow` is used.
+//! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) for `juicer show`.
+//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`); the only place `anyhow` is used.
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
@@ -104,6 +105,7 @@ pub mod plan;
 pub mod reader;
 pub mod rng;
 pub mod sample;
+pub mod show;
 pub mod source;
 pub mod stage;
 pub mod vision;

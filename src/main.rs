@@ -1,5 +1,5 @@
-//! The `juicer` command line: `run` streams the pipeline over shards and reports what it did; `pack` turns a
-//! folder of images + captions JSONL into WebDataset shards.
+//! The `juicer` command line: `run` streams the pipeline over shards and reports what it did; `show` renders
+//! what it kept as pictures; `pack` turns a folder of images + captions JSONL into WebDataset shards.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -27,6 +27,17 @@ enum Command {
     Run(Box<RunArgs>),
     /// Pack a folder of images + captions JSONL into WebDataset tar shards.
     Pack(PackArgs),
+    /// Render each sample (input, kept patches, saliency, classes, caption) as a PNG in --out.
+    Show(Box<ShowArgs>),
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -165,6 +176,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Pack(args) => pack(args),
+        Command::Show(args) => show(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -204,7 +216,8 @@ fn records(batch: &JuicedBatch) -> impl Iterator<Item = serde_json::Value> + '_ 
     })
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Builds the loader from the options `run` and `show` share.
+fn build_loader(args: &RunArgs) -> anyhow::Result<juicer::Juicer<JuicedBatch>> {
     let device: DeviceSpec = args.device.parse()?;
     let mut builder = JuicedBatch::builder(args.sources.clone())
         .seed(args.seed)
@@ -266,7 +279,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(v) = &args.vocabulary {
         builder = builder.vocabulary(v);
     }
-    let loader = builder.build()?;
+    Ok(builder.build()?)
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let loader = build_loader(&args)?;
     let mut out: Option<Box<dyn Write>> = match args.jsonl.as_deref() {
         None => None,
         Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
@@ -414,6 +431,75 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
     eprintln!("packed {n} samples into {} shard(s) in {}", written.len(), args.out.display());
     for p in written {
         println!("{}", p.display());
+    }
+    Ok(())
+}
+
+/// Renders each sample: the loader runs once for the juicing results, then the shards are read again for the
+/// crops of exactly those samples (the batch carries patches, not the whole crop).
+fn show(args: ShowArgs) -> anyhow::Result<()> {
+    use juicer::show::{Panel, png_name, render, save_png};
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut run_args = args.run;
+    run_args.limit = run_args.limit.or(Some(16)); // never render a whole dataset by accident
+    let loader = build_loader(&run_args)?;
+    let decoder = juicer::decode::Decoder::new(loader.config().decode.clone());
+    struct Seen {
+        grid: (usize, usize),
+        patch: usize,
+        scores: Vec<f32>,
+        kept: Vec<u32>,
+        classes: Vec<juicer::Class>,
+        caption: Option<String>,
+    }
+    let mut wanted = std::collections::HashMap::<String, Seen>::new();
+    let mut it = loader.iter()?;
+    for batch in it.by_ref() {
+        let b = batch?;
+        for i in 0..b.len() {
+            let seen = Seen {
+                grid: b.grid,
+                patch: b.patch,
+                scores: b.scores[i].clone(),
+                kept: b.kept[i].clone(),
+                classes: b.classes[i].clone(),
+                caption: b.captions[i].clone(),
+            };
+            wanted.insert(b.keys[i].clone(), seen);
+        }
+    }
+    for e in it.take_dropped() {
+        eprintln!("dropped: {e}");
+    }
+    drop(it);
+    let opts = &loader.config().read;
+    'shards: for shard in loader.shards() {
+        for sample in shard.open(0, opts)? {
+            let Ok(raw) = sample else { continue };
+            let Some(s) = wanted.remove(&raw.key) else { continue };
+            let rgb = decoder.decode_rgb8(&raw.key, &raw.image, &raw.image_ext)?;
+            let crop = decoder.resize_crop_rgb8(&rgb);
+            let img = render(&Panel {
+                key: &raw.key,
+                image: &crop,
+                grid: s.grid,
+                patch: s.patch,
+                scores: &s.scores,
+                kept: &s.kept,
+                classes: &s.classes,
+                caption: s.caption.as_deref(),
+                enriched: None,
+            });
+            let path = args.out.join(png_name(&raw.key));
+            save_png(&img, &path)?;
+            println!("{}", path.display());
+            if wanted.is_empty() {
+                break 'shards;
+            }
+        }
+    }
+    if !wanted.is_empty() {
+        eprintln!("warning: {} sample(s) not found again when re-reading the shards", wanted.len());
     }
     Ok(())
 }
