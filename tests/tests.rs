@@ -5,4 +5,5 @@ mod mobilenet;
 mod pipeline;
 mod source;
 mod util;
+mod vision;
 mod vit;
