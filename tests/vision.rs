@@ -643,3 +643,26 @@ fn bad_vocabulary_fails_at_build_naming_the_file() {
     let e = build(&missing).map(|_| ()).expect_err("a missing vocabulary");
     assert!(e.to_string().contains(&missing.display().to_string()), "{e}");
 }
+
+#[test]
+fn bad_weights_fail_when_the_loader_is_built_naming_tensor_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    // A truncated copy of the real weights, and a ViT folder whose config disagrees with its tensors.
+    let bytes = std::fs::read(fixtures().join("mobilenet_v2/mobilenet_v2.safetensors")).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let err = fixture_builder().classifier_weights(&cut).build().unwrap_err().to_string();
+    assert!(err.contains("cut.safetensors") && err.contains("tensor `"), "{err}");
+
+    let vit = dir.path().join("vit");
+    std::fs::create_dir(&vit).unwrap();
+    for f in ["model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(fixtures().join("vit/vit_dino").join(f), vit.join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(fixtures().join("vit/vit_dino/config.json")).unwrap();
+    let mut config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["hidden_size"] = serde_json::json!(64);
+    std::fs::write(vit.join("config.json"), config.to_string()).unwrap();
+    let err = fixture_builder().scorer(ScorerSpec::Attention(vit.clone())).build().unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("config.json implies"), "{err}");
+}
