@@ -4,7 +4,7 @@
 //! and marks real patches in `patch_mask`. Users who want another layout plug their own
 //! `burn::data::dataloader::batcher::Batcher<JuicedSample, O>` into the builder instead.
 //!
-//! Until the text branch lands the batch carries no caption tokens, only the caption strings on the host side.
+//! Caption tokens are padded to CLIP's context of 77 with zeros; `token_mask` marks the real ones.
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -20,10 +20,20 @@ pub struct JuicedBatch {
     pub positions: Tensor<2, Int>,
     /// True where `patches` holds a real patch: `[B, K]`.
     pub patch_mask: Tensor<2, Bool>,
+    /// CLIP tokens of the enriched captions, zero padded: `[B, 77]`.
+    pub tokens: Tensor<2, Int>,
+    /// True where `tokens` holds a real token (`<|startoftext|>` to `<|endoftext|>`): `[B, 77]`.
+    pub token_mask: Tensor<2, Bool>,
     /// Sample keys, host side.
     pub keys: Vec<String>,
     /// Original captions, host side.
     pub captions: Vec<Option<String>>,
+    /// Enriched captions (what `tokens` encode), host side.
+    pub enriched: Vec<String>,
+    /// Classes added to each caption, host side.
+    pub added: Vec<Vec<Class>>,
+    /// Unpadded tokens per sample, host side.
+    pub token_ids: Vec<Vec<u32>>,
     /// Raw patch scores per sample, host side.
     pub scores: Vec<Vec<f32>>,
     /// Kept patch indices per sample (unpadded `positions`), host side.
@@ -65,6 +75,12 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
         let mut patches = vec![0f32; b * k * dim];
         let mut positions = vec![0i64; b * k];
         let mut mask = vec![false; b * k];
+        let ctx = crate::text::tokenizer::CONTEXT;
+        let mut tokens = vec![0i64; b * ctx];
+        let mut token_mask = vec![false; b * ctx];
+        let mut enriched = Vec::with_capacity(b);
+        let mut added = Vec::with_capacity(b);
+        let mut token_ids = Vec::with_capacity(b);
         let mut keys = Vec::with_capacity(b);
         let mut captions = Vec::with_capacity(b);
         let mut scores = Vec::with_capacity(b);
@@ -77,6 +93,13 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
                 positions[i * k + j] = i64::from(p);
                 mask[i * k + j] = true;
             }
+            for (j, &t) in s.tokens.iter().take(ctx).enumerate() {
+                tokens[i * ctx + j] = i64::from(t);
+                token_mask[i * ctx + j] = true;
+            }
+            enriched.push(s.enriched);
+            added.push(s.added);
+            token_ids.push(s.tokens);
             keys.push(s.key);
             captions.push(s.caption);
             scores.push(s.scores);
@@ -87,6 +110,11 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
             patches: Tensor::from_data(TensorData::new(patches, [b, k, dim]), device),
             positions: Tensor::from_data(TensorData::new(positions, [b, k]), device),
             patch_mask: Tensor::from_data(TensorData::new(mask, [b, k]), device),
+            tokens: Tensor::from_data(TensorData::new(tokens, [b, ctx]), device),
+            token_mask: Tensor::from_data(TensorData::new(token_mask, [b, ctx]), device),
+            enriched,
+            added,
+            token_ids,
             keys,
             captions,
             scores,

@@ -4,9 +4,9 @@
 //! image patch for saliency, keeps the salient ones, extracts the object classes the image shows and folds
 //! them into the caption (the DataJuicer method, arXiv 2503.14559), while the trainer consumes batches.
 //!
-//! **Status of the stages.** Everything up to `extract` runs: sources, decode, the vision branch (score with the
-//! embedded MobileNetV2 CAM or a HuggingFace ViT's attention, prune, extract) and batching. The text branch
-//! (`enrich`, CLIP tokens) is not there yet: batches carry the original caption strings and no tokens.
+//! Every stage runs: sources, decode, the vision branch (score with the embedded MobileNetV2 CAM or a
+//! HuggingFace ViT's attention, prune, extract), the text branch (enrich the caption with the classes it does
+//! not mention, CLIP tokens) and batching.
 //!
 //! ```no_run
 //! use juicer::{DeviceSpec, JuicedBatch};
@@ -68,6 +68,8 @@
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
 //! - [`vision`]: scorer stages (`cam`, `attention`, `random`, `none`), [`vision::prune`] (keep policies), the
 //!   extract rule and stage, [`vision::cam`] (CAM maths on the host).
+//! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process) and the enrich stage
+//!   (mention detection with synonyms and plurals, template, deterministic `mix`, context-overflow policy).
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights) and a HuggingFace ViT.
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
@@ -76,7 +78,7 @@
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
-//!   when the item leaves in order, so at most `5·capacity + 3·workers + 2·micro_batch + 1` items are between
+//!   when the item leaves in order, so at most `6·capacity + 4·workers + 2·micro_batch + 1` items are between
 //!   the shuffle and the sink, and the sink's reorder buffer never holds more.
 //! - **Deterministic.** The output is a function of the seed, the epoch and the sources, not of worker counts:
 //!   reader worker `r` only prefetches tasks `t ≡ r (mod R)`, the sequencer consumes tasks in order, sequence
@@ -108,6 +110,7 @@ pub mod sample;
 pub mod show;
 pub mod source;
 pub mod stage;
+pub mod text;
 pub mod vision;
 
 pub use batch::{JuicedBatch, JuicedBatcher};

@@ -143,6 +143,12 @@ struct RunArgs {
     /// Items per model micro-batch.
     #[arg(long, default_value_t = 16)]
     micro_batch: usize,
+    /// Caption template: `{caption}` and `{classes}` ("a, b and c").
+    #[arg(long, default_value = "{caption}, with {classes}")]
+    template: String,
+    /// Probability of the enriched caption over the original, drawn per (seed, epoch, key).
+    #[arg(long, default_value_t = 1.0)]
+    mix: f32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -212,6 +218,9 @@ fn records(batch: &JuicedBatch) -> impl Iterator<Item = serde_json::Value> + '_ 
             "kept": batch.kept[i],
             "classes": batch.classes[i],
             "caption": batch.captions[i],
+            "enriched": batch.enriched[i],
+            "added": batch.added[i].len(),
+            "tokens": batch.token_ids[i],
         })
     })
 }
@@ -272,7 +281,9 @@ fn build_loader(args: &RunArgs) -> anyhow::Result<juicer::Juicer<JuicedBatch>> {
         })
         .top_k(args.top_k)
         .min_prob(args.min_prob)
-        .micro_batch(args.micro_batch);
+        .micro_batch(args.micro_batch)
+        .template(args.template.clone())
+        .mix(args.mix);
     if let Some(w) = &args.classifier_weights {
         builder = builder.classifier_weights(w);
     }
@@ -376,11 +387,12 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
         el
     );
     eprintln!(
-        "  patches  kept {} of {} ({:.1} %)   classes extracted {}   classifier forwards {}",
+        "  patches  kept {} of {} ({:.1} %)   classes extracted {}, added to captions {}   classifier forwards {}",
         s.patches_kept,
         s.patches_total,
         100.0 * s.kept_ratio(),
         s.classes,
+        s.classes_added,
         s.classifier_images
     );
     for (reason, n) in &s.dropped {
@@ -451,6 +463,7 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
         kept: Vec<u32>,
         classes: Vec<juicer::Class>,
         caption: Option<String>,
+        enriched: String,
     }
     let mut wanted = std::collections::HashMap::<String, Seen>::new();
     let mut it = loader.iter()?;
@@ -464,6 +477,7 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 kept: b.kept[i].clone(),
                 classes: b.classes[i].clone(),
                 caption: b.captions[i].clone(),
+                enriched: b.enriched[i].clone(),
             };
             wanted.insert(b.keys[i].clone(), seen);
         }
@@ -488,7 +502,7 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
                 kept: &s.kept,
                 classes: &s.classes,
                 caption: s.caption.as_deref(),
-                enriched: None,
+                enriched: Some(&s.enriched),
             });
             let path = args.out.join(png_name(&raw.key));
             save_png(&img, &path)?;

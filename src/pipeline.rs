@@ -28,6 +28,9 @@ use crate::rng::hash_str;
 use crate::sample::{Decoded, JuicedSample, RawSample};
 use crate::source::{ReadOptions, Shard, resolve};
 use crate::stage::Stage;
+use crate::text::EnrichStage;
+use crate::text::enrich::{EnrichConfig, Enricher};
+use crate::text::tokenizer::ClipTokenizer;
 use crate::vision::prune::{KeepPolicy, PruneConfig};
 use crate::vision::{
     AttentionScorer, CamScorer, Classifier, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig, Vocabulary,
@@ -71,6 +74,8 @@ pub struct Config {
     pub device: DeviceSpec,
     /// The vision branch: scorer, keep policy, class extraction.
     pub vision: VisionConfig,
+    /// The text branch: template, mix, context.
+    pub text: EnrichConfig,
 }
 
 impl Default for Config {
@@ -93,6 +98,7 @@ impl Default for Config {
             folder_shard_size: 256,
             device: DeviceSpec::Auto,
             vision: VisionConfig::default(),
+            text: EnrichConfig::default(),
         }
     }
 }
@@ -102,6 +108,7 @@ impl Config {
     pub fn problems(&self) -> Vec<String> {
         let mut p = self.decode.validate();
         p.extend(self.vision.problems());
+        p.extend(self.text.problems());
         if self.batch_size == 0 {
             p.push("batch_size must be at least 1".into());
         }
@@ -203,6 +210,10 @@ impl JuicerBuilder {
         min_prob: f32 => vision.min_prob);
     verb!(/// Items per model micro-batch.
         micro_batch: usize => vision.micro_batch);
+    verb!(/// Caption template with `{caption}` and `{classes}`.
+        template: String => text.template);
+    verb!(/// Probability of training on the enriched caption rather than the original.
+        mix: f32 => text.mix);
 
     /// Keeps this fraction of the patches (the `ratio` policy).
     pub fn keep_ratio(mut self, ratio: f32) -> Self {
@@ -303,6 +314,8 @@ struct Shared {
 #[derive(Clone)]
 struct Models {
     classifier: Classifier,
+    tokenizer: &'static ClipTokenizer,
+    enricher: Enricher,
     vit: Option<ViT>,
     vocabulary: Vocabulary,
     /// Mean/std of the decoded pixels when they are not ImageNet's (attention preprocessing).
@@ -343,7 +356,9 @@ impl Models {
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        Ok(Self { classifier, vit, vocabulary, input_norm })
+        let tokenizer = ClipTokenizer::shared()?;
+        let enricher = Enricher::new(config.text.clone(), config.seed)?;
+        Ok(Self { classifier, tokenizer, enricher, vit, vocabulary, input_norm })
     }
 }
 
@@ -563,8 +578,9 @@ impl<O: Send + 'static> Juicer<O> {
             graph.spawn(&format!("read-{r}"), move || reader_worker(setup, r, n_readers, out))?;
         }
         // Items in flight between the shuffle and the sink are bounded by the edges and workers between them.
-        // Five edges (shuffle→decode→score→prune→extract→sink), three per-item pools, up to two micro-batches.
-        let window = 5 * cfg.capacity + 3 * cfg.decode_workers + 2 * cfg.vision.micro_batch + 1;
+        // Six edges (shuffle→decode→score→prune→extract→enrich→sink), four per-item pools, up to two
+        // micro-batches.
+        let window = 6 * cfg.capacity + 4 * cfg.decode_workers + 2 * cfg.vision.micro_batch + 1;
         let resume = state.clone();
         let capacity = cfg.shuffle_buffer;
         let seq_setup = setup.clone();
@@ -631,7 +647,9 @@ impl<O: Send + 'static> Juicer<O> {
             pending: Vec::new(),
             dropped: Vec::new(),
         };
-        let run = graph.sink(juiced, credits, sink)?;
+        let enrich = EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch: first_state.epoch };
+        let enriched = graph.map(juiced, Arc::new(enrich), workers)?;
+        let run = graph.sink(enriched, credits, sink)?;
         let total = self
             .shared
             .counts
@@ -745,6 +763,7 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
                 self.state.patches_kept += s.positions.len() as u64;
                 self.state.patches_total += (s.grid.0 * s.grid.1) as u64;
                 self.state.classes += s.classes.len() as u64;
+                self.state.classes_added += s.added.len() as u64;
                 self.pending.push(s);
             }
             Err(e) => {
@@ -813,6 +832,8 @@ pub struct Summary {
     pub patches_total: u64,
     /// Classes extracted for emitted samples.
     pub classes: u64,
+    /// Classes added to captions.
+    pub classes_added: u64,
     /// Images forwarded through the classifier backbone since the loader was built (all epochs).
     pub classifier_images: u64,
     /// Wall time since the epoch started.
@@ -872,6 +893,7 @@ impl<O> JuicerIter<O> {
             patches_kept: self.state.patches_kept,
             patches_total: self.state.patches_total,
             classes: self.state.classes,
+            classes_added: self.state.classes_added,
             classifier_images: self.forwards.load(Ordering::Relaxed),
             elapsed: self.started.elapsed(),
             stages: self.run.metrics(),

@@ -177,6 +177,9 @@ pub struct LoaderState {
     /// Classes extracted for emitted samples so far this epoch.
     #[serde(default)]
     pub classes: u64,
+    /// Classes added to captions so far this epoch.
+    #[serde(default)]
+    pub classes_added: u64,
 }
 
 impl LoaderState {
@@ -204,6 +207,7 @@ impl LoaderState {
             patches_kept: 0,
             patches_total: 0,
             classes: 0,
+            classes_added: 0,
         }
     }
 

@@ -87,6 +87,13 @@ pub struct JuicedSample {
     pub classes: Vec<Class>,
     /// Original caption, when present.
     pub caption: Option<String>,
+    /// The caption the model trains on: enriched with the classes the caption does not mention, or the original
+    /// when `mix` drew it (empty when there is neither caption nor class).
+    pub enriched: String,
+    /// Classes actually added to the caption.
+    pub added: Vec<Class>,
+    /// CLIP tokens of `enriched`, `<|startoftext|>` … `<|endoftext|>` inclusive, at most 77, no padding.
+    pub tokens: Vec<u32>,
     /// Metadata, when present.
     pub meta: Option<serde_json::Value>,
 }

@@ -86,7 +86,7 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     let by = |n: &str| m.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("stage {n}")).clone();
     let read = by("read");
     assert!(read.items_out < 400, "reading stopped early: {read:?}");
-    for name in ["read", "shuffle", "decode", "score", "prune", "extract", "batch"] {
+    for name in ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch"] {
         let s = by(name);
         assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{name}` waits on its output: {s:?}");
     }
@@ -97,7 +97,7 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     let bound = readers * cap   // reader edges
         + buffer                // shuffle buffer
         // Between the shuffle and the sink: the credit window (edges, workers, micro-batches, reorder buffer).
-        + 5 * cap + 3 * workers + 2 * micro + 1
+        + 6 * cap + 4 * workers + 2 * micro + 1
         + cap * bs              // batches waiting on the last edge
         + bs                    // the full batch the sink holds while blocked on the last edge
         + bs                    // the batch being built

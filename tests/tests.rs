@@ -4,6 +4,8 @@ mod cli;
 mod mobilenet;
 mod pipeline;
 mod source;
+mod text;
+mod tokenizer;
 mod util;
 mod vision;
 mod vit;

@@ -495,6 +495,9 @@ impl Extract {
             scores: scored.scores,
             classes,
             caption: d.caption,
+            enriched: String::new(),
+            added: Vec::new(),
+            tokens: Vec::new(),
             meta: d.meta,
         }
     }
