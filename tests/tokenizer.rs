@@ -246,8 +246,10 @@ fn documented_differences_from_open_clip() {
     assert_eq!(clean("&#99999999999;"), "\u{fffd}");
 }
 
-/// Differential check against open_clip on many generated cases: set `JUICER_TOKENIZER_CASES` to a JSONL file of
-/// `{"text", "cleaned", "ids", "count"}` lines written with open_clip's `_clean_lower`, `tokenize` and `encode`.
+/// Differential check against open_clip on many generated cases: set `JUICER_TOKENIZER_CASES` to a JSONL file with
+/// one `{"text", "cleaned", "ids", "count"}` object per line, written in Python with open_clip 3.3.0:
+/// `cleaned = open_clip.tokenizer._clean_lower(text)`, `ids = open_clip.tokenize(text)[0].tolist()`,
+/// `count = len(open_clip.tokenizer._tokenizer.encode(text))`.
 #[test]
 #[ignore = "needs a JSONL file of cases generated with open_clip (JUICER_TOKENIZER_CASES)"]
 fn differential_cases_from_env() {

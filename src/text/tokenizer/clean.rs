@@ -4,6 +4,9 @@
 //! The port follows ftfy's code path step by step (see the notes on each function) and takes every table from the
 //! Python sources through `gen_ftfy_data.py`, so what it does not reproduce is small and listed in the docs of
 //! [`super`] ("Where the cleaning differs from ftfy").
+//!
+//! This is a port of ftfy 6.3.1's `fix_text` (Copyright 2023 Robyn Speer, Apache-2.0, the same licence as this
+//! crate); its tables in `ftfy_data.rs` are generated from ftfy and Python 3.11's `html.entities`.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
