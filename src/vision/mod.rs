@@ -239,11 +239,14 @@ impl std::fmt::Debug for Classifier {
     }
 }
 
-/// Per-image output of a classifier forward.
-struct Classified {
-    probs: Vec<f32>,
-    /// Top classes with their maps on the grid, most probable first.
-    top: Vec<Candidate>,
+/// Stacks `[3, S, S]` images into one `[N, 3, S, S]` model input on `device`.
+fn stack_images<'a>(images: impl ExactSizeIterator<Item = &'a [f32]>, size: usize, device: &Device) -> Tensor<4> {
+    let n = images.len();
+    let mut data = Vec::with_capacity(n * 3 * size * size);
+    for im in images {
+        data.extend_from_slice(im);
+    }
+    Tensor::<4>::from_data(TensorData::new(data, [n, 3, size, size]), device)
 }
 
 impl Classifier {
@@ -274,13 +277,9 @@ impl Classifier {
         size: usize,
         grid: (usize, usize),
         n_top: usize,
-    ) -> std::result::Result<Vec<Classified>, String> {
+    ) -> std::result::Result<Vec<Vec<Candidate>>, String> {
         let n = images.len();
-        let mut data = Vec::with_capacity(n * 3 * size * size);
-        for im in images {
-            data.extend_from_slice(im);
-        }
-        let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, size, size]), &self.device);
+        let x = stack_images(images.iter().copied(), size, &self.device);
         let (features, logits) = self.model.forward(x);
         self.forwards.fetch_add(n as u64, Ordering::Relaxed);
         let [_, channels, fh, fw] = features.dims();
@@ -292,15 +291,14 @@ impl Classifier {
             .map(|i| {
                 let probs = cam::softmax(&l[i * classes..(i + 1) * classes]);
                 let feats = &f[i * per..(i + 1) * per];
-                let top = cam::top_k(&probs, n_top)
+                cam::top_k(&probs, n_top)
                     .into_iter()
                     .map(|(c, p)| {
                         let row = &self.weight[c * channels..(c + 1) * channels];
                         let map = cam::class_map(feats, row);
                         Candidate { id: c as u32, prob: p, map: cam::resample_bilinear(&map, (fh, fw), grid) }
                     })
-                    .collect();
-                Classified { probs, top }
+                    .collect()
             })
             .collect())
     }
@@ -339,13 +337,12 @@ impl BatchStage for CamScorer {
             .zip(classified)
             .map(|(sample, c)| {
                 let mut scores = vec![0f32; g.0 * g.1];
-                for cand in c.top.iter().take(self.cam_top) {
+                for cand in c.iter().take(self.cam_top) {
                     for (s, m) in scores.iter_mut().zip(&cand.map) {
                         *s += cand.prob * m;
                     }
                 }
-                let _ = c.probs;
-                let candidates = Some(c.top.into_iter().take(self.top_k).collect());
+                let candidates = Some(c.into_iter().take(self.top_k).collect());
                 Ok(Scored { sample, grid: g, patch: self.patch, scores, candidates })
             })
             .collect()
@@ -368,12 +365,7 @@ impl BatchStage for AttentionScorer {
         let Some(size) = items.first().map(|d| d.size) else { return Vec::new() };
         let patch = self.vit.config().patch_size;
         let g = grid(size, patch);
-        let n = items.len();
-        let mut data = Vec::with_capacity(n * 3 * size * size);
-        for d in &items {
-            data.extend_from_slice(&d.pixels);
-        }
-        let x = Tensor::<4>::from_data(TensorData::new(data, [n, 3, size, size]), &self.device);
+        let x = stack_images(items.iter().map(|d| d.pixels.as_slice()), size, &self.device);
         let logits = match self.vit.cls_patch_logits(x).into_data().try_to_vec::<f32>() {
             Ok(l) => l,
             Err(e) => return failed_all(items.into_iter().map(|d| d.key), &format!("reading ViT logits: {e:?}")),
@@ -502,9 +494,9 @@ impl Extract {
         }
     }
 
-    fn imagenet_input(&self, pixels: &[f32], size: usize) -> Vec<f32> {
+    fn imagenet_input<'a>(&self, pixels: &'a [f32], size: usize) -> std::borrow::Cow<'a, [f32]> {
         match self.input_norm {
-            None => pixels.to_vec(),
+            None => std::borrow::Cow::Borrowed(pixels),
             Some((mean, std)) => {
                 let plane = size * size;
                 pixels
@@ -529,8 +521,8 @@ impl Stage for Extract {
     }
 
     /// The cam path: candidates came with the scores.
-    fn process(&self, p: Pruned) -> std::result::Result<JuicedSample, SampleError> {
-        let candidates = p.scored.candidates.clone().unwrap_or_default();
+    fn process(&self, mut p: Pruned) -> std::result::Result<JuicedSample, SampleError> {
+        let candidates = p.scored.candidates.take().unwrap_or_default();
         Ok(self.finish(p, &candidates))
     }
 }
@@ -546,13 +538,13 @@ impl BatchStage for Extract {
         if let (Some(classifier), Some(&first)) = (&self.classifier, need.first()) {
             let size = items[first].scored.sample.size;
             let g = items[first].scored.grid;
-            let inputs: Vec<Vec<f32>> =
+            let inputs: Vec<std::borrow::Cow<'_, [f32]>> =
                 need.iter().map(|&i| self.imagenet_input(&items[i].scored.sample.pixels, size)).collect();
-            let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_slice()).collect();
+            let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_ref()).collect();
             match classifier.classify(&refs, size, g, self.top_k) {
                 Ok(c) => {
                     for (&i, c) in need.iter().zip(c) {
-                        found.insert(i, c.top);
+                        found.insert(i, c);
                     }
                 }
                 Err(e) => return failed_all(items.into_iter().map(|p| p.scored.sample.key), &e),
@@ -561,8 +553,8 @@ impl BatchStage for Extract {
         items
             .into_iter()
             .enumerate()
-            .map(|(i, p)| {
-                let candidates = found.remove(&i).or_else(|| p.scored.candidates.clone()).unwrap_or_default();
+            .map(|(i, mut p)| {
+                let candidates = found.remove(&i).or_else(|| p.scored.candidates.take()).unwrap_or_default();
                 Ok(self.finish(p, &candidates))
             })
             .collect()
