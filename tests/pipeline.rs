@@ -89,8 +89,10 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     for name in ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch"] {
         let s = by(name);
         assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{name}` waits on its output: {s:?}");
+        // Edges are bounded. (Whether the decode edge is full depends on how much of the credit window the
+        // sink's reorder buffer holds when everything stops, so only the bound is asserted.)
+        assert!(s.queue_depth as usize <= cap, "edge into `{name}` holds more than its capacity: {s:?}");
     }
-    assert_eq!(by("decode").queue_depth as usize, cap, "decode input edge is full");
     // Everything read but not handed to the consumer sits in an edge, the shuffle buffer, a worker or the sink.
     let consumed = bs as u64;
     let in_flight = read.items_out - consumed;
