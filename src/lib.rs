@@ -63,8 +63,8 @@
 //!   as `Truncated`, never short.
 //! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`.
 //! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
-//!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`] and in the model
-//!   stages of [`vision`].
+//!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`], in the model
+//!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
 //! - [`vision`]: scorer stages (`cam`, `attention`, `random`, `none`), [`vision::prune`] (keep policies), the
 //!   extract rule and stage, [`vision::cam`] (CAM maths on the host).
@@ -74,7 +74,10 @@
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
 //! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) for `juicer show`.
-//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`); the only place `anyhow` is used.
+//! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
+//!   `KEY.png`, enriched `KEY.txt`, original `KEY.orig.txt`, classes and scores `KEY.json`) through a
+//!   host-only batcher.
+//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`); the only place `anyhow` is used.
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
@@ -112,6 +115,7 @@ pub mod source;
 pub mod stage;
 pub mod text;
 pub mod vision;
+pub mod write;
 
 pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;

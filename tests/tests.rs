@@ -9,3 +9,4 @@ mod tokenizer;
 mod util;
 mod vision;
 mod vit;
+mod write;
