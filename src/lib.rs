@@ -72,6 +72,9 @@
 //!   (mention detection with synonyms and plurals, template, deterministic `mix`, context-overflow policy).
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights) and a HuggingFace ViT.
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
+//! - [`bench`]: the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline (one per
+//!   device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck, process CPU
+//!   time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
 //! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) for `juicer show`.
 //! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
@@ -81,7 +84,7 @@
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
-//!   when the item leaves in order, so at most `6·capacity + 4·workers + 2·micro_batch + 1` items are between
+//!   when the item leaves in order, so at most `6·capacity + 4·workers + 2·micro_batch·model_workers + 1` items are between
 //!   the shuffle and the sink, and the sink's reorder buffer never holds more.
 //! - **Deterministic.** The output is a function of the seed, the epoch and the sources, not of worker counts:
 //!   reader worker `r` only prefetches tasks `t ≡ r (mod R)`, the sequencer consumes tasks in order, sequence
@@ -100,6 +103,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
+pub mod bench;
 pub mod decode;
 pub mod device;
 pub mod error;
@@ -120,7 +124,7 @@ pub mod write;
 pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
-pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, Summary};
+pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, Summary};
 pub use plan::{EpochSize, LoaderState, World};
 pub use sample::{Class, Decoded, JuicedSample, RawSample, SourcePos};
 pub use vision::ScorerSpec;

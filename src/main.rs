@@ -44,6 +44,12 @@ enum Command {
     /// reason; the summary says how many.
     #[command(verbatim_doc_comment)]
     Write(Box<WriteArgs>),
+    /// Measure throughput: samples/s, kept patches/s and tokens/s per device, CPU per sample, peak RSS, and
+    /// per stage the busy / blocked-on-output / starved-for-input shares with the bottleneck.
+    ///
+    /// Without SOURCES it generates synthetic JPEG shards (--synthetic, --synthetic-size) so runs compare.
+    /// The report's JSON layout (--json) is documented in the README and in `juicer::bench::BenchReport`.
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args)]
@@ -69,10 +75,9 @@ enum EpochPolicy {
     Repeat,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct RunArgs {
     /// Shards: paths, globs, brace ranges (`shards-{000000..000009}.tar`), http(s) URLs, or a folder with captions.jsonl.
-    #[arg(required = true)]
     sources: Vec<String>,
     /// Write one JSON record per sample to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE|-")]
@@ -158,6 +163,15 @@ struct RunArgs {
     /// Items per model micro-batch.
     #[arg(long, default_value_t = 16)]
     micro_batch: usize,
+    /// Model threads (model replicas) per model stage; on a CPU device more than one uses more cores.
+    #[arg(long, default_value_t = 1)]
+    model_workers: usize,
+    /// Cache the scorer's outputs (cam, attention) in DIR so later epochs and runs skip the scoring model.
+    #[arg(long, value_name = "DIR")]
+    score_cache: Option<PathBuf>,
+    /// Most bytes the score cache keeps (oldest entries go first).
+    #[arg(long, default_value_t = 1 << 30)]
+    score_cache_max_bytes: u64,
     /// Caption template: `{caption}` and `{classes}` ("a, b and c").
     #[arg(long, default_value = "{caption}, with {classes}")]
     template: String,
@@ -199,6 +213,7 @@ fn main() -> std::process::ExitCode {
         Command::Pack(args) => pack(args),
         Command::Show(args) => show(*args),
         Command::Write(args) => write(*args),
+        Command::Bench(args) => bench(*args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -303,6 +318,7 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
         .top_k(args.top_k)
         .min_prob(args.min_prob)
         .micro_batch(args.micro_batch)
+        .model_workers(args.model_workers)
         .template(args.template.clone())
         .mix(args.mix);
     if let Some(w) = &args.classifier_weights {
@@ -310,6 +326,12 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     }
     if let Some(v) = &args.vocabulary {
         builder = builder.vocabulary(v);
+    }
+    if let Some(dir) = &args.score_cache {
+        builder = builder.score_cache(juicer::vision::cache::ScoreCacheConfig {
+            dir: dir.clone(),
+            max_bytes: args.score_cache_max_bytes,
+        });
     }
     Ok(builder)
 }
@@ -416,6 +438,18 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
         s.classes_added,
         s.classifier_images
     );
+    if let Some(c) = &s.score_cache {
+        eprintln!(
+            "  score cache  hits {}  misses {}  stored {}  evicted {}  corrupt {}  write errors {}  ({:.1} MiB)",
+            c.hits,
+            c.misses,
+            c.stored,
+            c.evicted,
+            c.corrupt,
+            c.write_errors,
+            c.bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
     for (reason, n) in &s.dropped {
         eprintln!("  dropped  {reason:<18} {n}");
     }
@@ -582,6 +616,120 @@ fn write(args: WriteArgs) -> anyhow::Result<()> {
     }
     if report.failed > 0 {
         bail!("{} sample(s) failed (--on-error fail)", report.failed);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Run the stages up to this one: decode (+ patchify), score, prune, extract, enrich (all).
+    #[arg(long, default_value = "enrich")]
+    stages: juicer::LastStage,
+    /// Samples before the measured window opens (model start-up, first kernels, edges filling).
+    #[arg(long, default_value_t = 16)]
+    warmup: u64,
+    /// Close the window after N samples (default: the end of the data).
+    #[arg(long)]
+    samples: Option<u64>,
+    /// Close the window after S seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Measure N epochs one after the other (with --score-cache, epoch 2 shows what the cache saves).
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// One pipeline per device, each a rank of their world: `cpu`, `wgpu:0,wgpu:1`, or `gpus` (every
+    /// hardware GPU). Default: --device.
+    #[arg(long)]
+    devices: Option<String>,
+    /// Synthetic samples to generate when no SOURCES are given.
+    #[arg(long, default_value_t = 256)]
+    synthetic: usize,
+    /// Synthetic image size, WIDTHxHEIGHT.
+    #[arg(long, default_value = "640x480")]
+    synthetic_size: String,
+    /// Synthetic samples per shard.
+    #[arg(long, default_value_t = 64)]
+    synthetic_shard: usize,
+    /// Where synthetic shards go (reused when they match; default: the temp dir).
+    #[arg(long, value_name = "DIR")]
+    synthetic_dir: Option<PathBuf>,
+    /// Write the report as JSON to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE|-")]
+    json: Option<String>,
+    /// Draw throughput and per-stage busy share over time into FILE.png.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+}
+
+fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
+    use juicer::bench::{self, Window, synthetic};
+    if args.run.sources.is_empty() {
+        let (w, h) = args
+            .synthetic_size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+            .with_context(|| format!("--synthetic-size `{}`: expected WIDTHxHEIGHT", args.synthetic_size))?;
+        let spec = synthetic::SyntheticSpec {
+            samples: args.synthetic,
+            per_shard: args.synthetic_shard,
+            width: w,
+            height: h,
+            seed: args.run.seed,
+        };
+        let dir = args.synthetic_dir.clone().unwrap_or_else(|| std::env::temp_dir().join(spec.dir_name()));
+        let t = std::time::Instant::now();
+        let shards = synthetic::generate(&dir, spec)?;
+        eprintln!(
+            "synthetic: {} samples in {} shard(s) in {} ({:.1} s)",
+            spec.samples,
+            shards.len(),
+            dir.display(),
+            t.elapsed().as_secs_f64()
+        );
+        args.run.sources = shards.iter().map(|p| p.display().to_string()).collect();
+    }
+    let devices: Vec<String> = match args.devices.as_deref() {
+        None => vec![args.run.device.clone()],
+        Some("gpus") => {
+            let (discrete, integrated) = juicer::device::hardware_gpus();
+            let n = if discrete > 0 { discrete } else { integrated };
+            if n == 0 {
+                bail!("--devices gpus: no hardware GPU found (wgpu lists none)");
+            }
+            (0..n).map(|i| format!("wgpu:{i}")).collect()
+        }
+        Some(list) => list.split(',').map(|d| d.trim().to_string()).filter(|d| !d.is_empty()).collect(),
+    };
+    let world = devices.len();
+    let mut loaders = Vec::with_capacity(world);
+    for (rank, device) in devices.iter().enumerate() {
+        let mut run = RunArgs { device: device.clone(), ..args.run.clone() };
+        if world > 1 {
+            run.rank = Some(rank);
+            run.world_size = Some(world);
+        }
+        loaders.push(loader_builder(&run)?.last_stage(args.stages).build()?);
+    }
+    let window = Window { warmup: args.warmup, samples: args.samples, seconds: args.seconds, epochs: args.epochs };
+    let report = bench::run(&loaders, &window)?;
+    if args.json.as_deref() == Some("-") {
+        eprint!("{}", bench::render(&report));
+    } else {
+        print!("{}", bench::render(&report));
+    }
+    match args.json.as_deref() {
+        None => {}
+        Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),
+        Some(path) => {
+            std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {path}"))?
+        }
+    }
+    if let Some(path) = &args.plot {
+        let step = report.pipelines.iter().map(|p| p.seconds + p.warmup_seconds).fold(0.0, f64::max) / 60.0;
+        bench::plot::save(&report, path, step.max(0.2))?;
+        eprintln!("plot: {}", path.display());
     }
     Ok(())
 }

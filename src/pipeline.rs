@@ -31,9 +31,11 @@ use crate::stage::Stage;
 use crate::text::EnrichStage;
 use crate::text::enrich::{EnrichConfig, Enricher};
 use crate::text::tokenizer::ClipTokenizer;
+use crate::vision::cache::{CacheStats, Cached, ScoreCache, ScoreCacheConfig, fingerprint};
 use crate::vision::prune::{KeepPolicy, PruneConfig};
 use crate::vision::{
-    AttentionScorer, CamScorer, Classifier, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig, Vocabulary,
+    AttentionScorer, CamScorer, Classifier, Extract, PlainScorer, PruneStage, Pruned, Scored, ScorerSpec, VisionConfig,
+    Vocabulary,
 };
 use std::sync::atomic::Ordering;
 
@@ -76,6 +78,58 @@ pub struct Config {
     pub vision: VisionConfig,
     /// The text branch: template, mix, context.
     pub text: EnrichConfig,
+    /// Run only the stages up to this one (default: all). For benchmarks: `juicer bench --stages`.
+    pub last_stage: LastStage,
+}
+
+/// How much of the stage graph runs: a prefix `decode → … → last`, then the batcher.
+///
+/// A truncated graph still yields [`JuicedSample`]s: after `decode` or `score` every patch is kept (patchified
+/// by a `finish` stage), after `prune` only the kept ones; classes, enriched caption and tokens stay empty
+/// until `extract` and `enrich` run. Used to measure what each stage adds (`juicer bench --stages`) and to
+/// compare a prefix with other loaders that stop there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LastStage {
+    /// Read, decode, resize, crop, normalise, patchify (all patches).
+    Decode,
+    /// + saliency scores (all patches kept).
+    Score,
+    /// + keep policy (kept patches only).
+    Prune,
+    /// + class extraction.
+    Extract,
+    /// + caption enrichment and tokenisation: the whole pipeline.
+    #[default]
+    Enrich,
+}
+
+impl LastStage {
+    /// Every prefix, shortest first.
+    pub const ALL: [LastStage; 5] =
+        [LastStage::Decode, LastStage::Score, LastStage::Prune, LastStage::Extract, LastStage::Enrich];
+
+    /// The stage's name as in metrics and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LastStage::Decode => "decode",
+            LastStage::Score => "score",
+            LastStage::Prune => "prune",
+            LastStage::Extract => "extract",
+            LastStage::Enrich => "enrich",
+        }
+    }
+}
+
+impl std::str::FromStr for LastStage {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        LastStage::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| Error::Config(vec![format!("unknown stage `{s}` (decode, score, prune, extract, enrich)")]))
+    }
 }
 
 impl Default for Config {
@@ -99,6 +153,7 @@ impl Default for Config {
             device: DeviceSpec::Auto,
             vision: VisionConfig::default(),
             text: EnrichConfig::default(),
+            last_stage: LastStage::Enrich,
         }
     }
 }
@@ -210,10 +265,21 @@ impl JuicerBuilder {
         min_prob: f32 => vision.min_prob);
     verb!(/// Items per model micro-batch.
         micro_batch: usize => vision.micro_batch);
+    verb!(/// Model threads (model replicas) per model stage.
+        model_workers: usize => vision.model_workers);
     verb!(/// Caption template with `{caption}` and `{classes}`.
         template: String => text.template);
     verb!(/// Probability of training on the enriched caption rather than the original.
         mix: f32 => text.mix);
+    verb!(/// Runs only the stages up to this one (benchmarks).
+        last_stage: LastStage => last_stage);
+
+    /// Caches the scorer's outputs on disk (bounded) so that later epochs, and later runs over the same data
+    /// with the same scorer and weights, skip the scoring model.
+    pub fn score_cache(mut self, cache: ScoreCacheConfig) -> Self {
+        self.config.vision.score_cache = Some(cache);
+        self
+    }
 
     /// Keeps this fraction of the patches (the `ratio` policy).
     pub fn keep_ratio(mut self, ratio: f32) -> Self {
@@ -320,6 +386,8 @@ struct Models {
     vocabulary: Vocabulary,
     /// Mean/std of the decoded pixels when they are not ImageNet's (attention preprocessing).
     input_norm: Option<([f32; 3], [f32; 3])>,
+    /// The scorer's output cache, when configured.
+    score_cache: Option<Arc<ScoreCache>>,
 }
 
 impl std::fmt::Debug for Models {
@@ -358,8 +426,44 @@ impl Models {
         }
         let tokenizer = ClipTokenizer::shared()?;
         let enricher = Enricher::new(config.text.clone(), config.seed)?;
-        Ok(Self { classifier, tokenizer, enricher, vit, vocabulary, input_norm })
+        let score_cache = match &config.vision.score_cache {
+            Some(c) if matches!(config.vision.scorer, ScorerSpec::Cam | ScorerSpec::Attention(_)) => {
+                Some(Arc::new(ScoreCache::open(c, &cache_namespace(config)?)?))
+            }
+            _ => None,
+        };
+        Ok(Self { classifier, tokenizer, enricher, vit, vocabulary, input_norm, score_cache })
     }
+}
+
+/// Everything that changes a scorer's output, as a string: the score cache's namespace.
+fn cache_namespace(config: &Config) -> Result<String> {
+    let v = &config.vision;
+    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| Error::io(format!("reading `{}`", p.display()), e));
+    let weights = match &v.scorer {
+        ScorerSpec::Attention(dir) => {
+            let mut h = fingerprint(&read(&dir.join("model.safetensors"))?);
+            h ^= fingerprint(&read(&dir.join("config.json"))?).rotate_left(1);
+            h
+        }
+        _ => match &v.classifier_weights {
+            Some(p) => fingerprint(&read(p)?),
+            None => fingerprint(crate::model::mobilenet_v2::embedded_weights()),
+        },
+    };
+    let d = &config.decode;
+    Ok(format!(
+        "juicer score cache v1; scorer={}; weights={weights:016x}; image_size={}; resize_size={:?}; mean={:?}; \
+         std={:?}; patch={}; cam_top={}; top_k={}",
+        v.scorer.name(),
+        d.image_size,
+        d.resize_size,
+        d.mean,
+        d.std,
+        config.patch_size,
+        v.cam_top,
+        v.top_k
+    ))
 }
 
 #[derive(Debug, Clone)]
@@ -580,7 +684,8 @@ impl<O: Send + 'static> Juicer<O> {
         // Items in flight between the shuffle and the sink are bounded by the edges and workers between them.
         // Six edges (shuffle→decode→score→prune→extract→enrich→sink), four per-item pools, up to two
         // micro-batches.
-        let window = 6 * cfg.capacity + 4 * cfg.decode_workers + 2 * cfg.vision.micro_batch + 1;
+        let window =
+            6 * cfg.capacity + 4 * cfg.decode_workers + 2 * cfg.vision.micro_batch * cfg.vision.model_workers + 1;
         let resume = state.clone();
         let capacity = cfg.shuffle_buffer;
         let seq_setup = setup.clone();
@@ -595,43 +700,101 @@ impl<O: Send + 'static> Juicer<O> {
         let v = &cfg.vision;
         let m = &s.models;
         let workers = cfg.decode_workers;
-        let scored = match &v.scorer {
-            ScorerSpec::Cam => {
-                let stage = CamScorer {
-                    classifier: m.classifier.clone(),
-                    patch: cfg.patch_size,
-                    cam_top: v.cam_top,
-                    top_k: v.top_k,
-                };
-                graph.model("score", decoded, vec![move || Ok(stage)], v.micro_batch, v.max_wait)?
-            }
-            ScorerSpec::Attention(_) => {
-                let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
-                let stage = AttentionScorer { vit, device: self.device.clone() };
-                graph.model("score", decoded, vec![move || Ok(stage)], v.micro_batch, v.max_wait)?
-            }
-            ScorerSpec::Random => {
-                graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch: cfg.patch_size }), workers)?
-            }
-            ScorerSpec::None => {
-                graph.map(decoded, Arc::new(PlainScorer { seed: None, patch: cfg.patch_size }), workers)?
-            }
-        };
-        let pruned = graph.map(scored, Arc::new(PruneStage(v.prune)), workers)?;
-        let extract = Extract {
-            classifier: None,
-            top_k: v.top_k,
-            min_prob: v.min_prob,
-            margin: v.margin,
-            vocabulary: m.vocabulary.clone(),
-            input_norm: m.input_norm,
-        };
-        let juiced = if v.scorer == ScorerSpec::Cam {
-            // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
-            graph.map(pruned, Arc::new(extract), workers)?
+        let patch = cfg.patch_size;
+        let last = cfg.last_stage;
+        let tail = if last == LastStage::Decode {
+            graph.map(decoded, Arc::new(Finish::<Decoded>::new(patch)), workers)?
         } else {
-            let extract = Extract { classifier: Some(m.classifier.clone()), ..extract };
-            graph.model("extract", pruned, vec![move || Ok(extract)], v.micro_batch, v.max_wait)?
+            let scored = match &v.scorer {
+                ScorerSpec::Cam => {
+                    let stage =
+                        CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k: v.top_k };
+                    match &m.score_cache {
+                        Some(cache) => {
+                            let stage = Cached { inner: stage, cache: cache.clone(), patch };
+                            graph.model(
+                                "score",
+                                decoded,
+                                replicas(&stage, v.model_workers),
+                                v.micro_batch,
+                                v.max_wait,
+                            )?
+                        }
+                        None => graph.model(
+                            "score",
+                            decoded,
+                            replicas(&stage, v.model_workers),
+                            v.micro_batch,
+                            v.max_wait,
+                        )?,
+                    }
+                }
+                ScorerSpec::Attention(_) => {
+                    let vit =
+                        m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
+                    let stage = AttentionScorer { vit, device: self.device.clone() };
+                    match &m.score_cache {
+                        Some(cache) => {
+                            let stage = Cached { inner: stage, cache: cache.clone(), patch };
+                            graph.model(
+                                "score",
+                                decoded,
+                                replicas(&stage, v.model_workers),
+                                v.micro_batch,
+                                v.max_wait,
+                            )?
+                        }
+                        None => graph.model(
+                            "score",
+                            decoded,
+                            replicas(&stage, v.model_workers),
+                            v.micro_batch,
+                            v.max_wait,
+                        )?,
+                    }
+                }
+                ScorerSpec::Random => {
+                    graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch }), workers)?
+                }
+                ScorerSpec::None => graph.map(decoded, Arc::new(PlainScorer { seed: None, patch }), workers)?,
+            };
+            if last == LastStage::Score {
+                graph.map(scored, Arc::new(Finish::<Scored>::new(patch)), workers)?
+            } else {
+                let pruned = graph.map(scored, Arc::new(PruneStage(v.prune)), workers)?;
+                if last == LastStage::Prune {
+                    graph.map(pruned, Arc::new(Finish::<Pruned>::new(patch)), workers)?
+                } else {
+                    let extract = Extract {
+                        classifier: None,
+                        top_k: v.top_k,
+                        min_prob: v.min_prob,
+                        margin: v.margin,
+                        vocabulary: m.vocabulary.clone(),
+                        input_norm: m.input_norm,
+                    };
+                    let juiced = if v.scorer == ScorerSpec::Cam {
+                        // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
+                        graph.map(pruned, Arc::new(extract), workers)?
+                    } else {
+                        let extract = Extract { classifier: Some(m.classifier.clone()), ..extract };
+                        graph.model(
+                            "extract",
+                            pruned,
+                            replicas(&extract, v.model_workers),
+                            v.micro_batch,
+                            v.max_wait,
+                        )?
+                    };
+                    if last == LastStage::Extract {
+                        juiced
+                    } else {
+                        let enrich =
+                            EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch: state.epoch };
+                        graph.map(juiced, Arc::new(enrich), workers)?
+                    }
+                }
+            }
         };
         let first_state = state.clone();
         let sink = BatchSink {
@@ -647,9 +810,7 @@ impl<O: Send + 'static> Juicer<O> {
             pending: Vec::new(),
             dropped: Vec::new(),
         };
-        let enrich = EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch: first_state.epoch };
-        let enriched = graph.map(juiced, Arc::new(enrich), workers)?;
-        let run = graph.sink(enriched, credits, sink)?;
+        let run = graph.sink(tail, credits, sink)?;
         let total = self
             .shared
             .counts
@@ -658,9 +819,11 @@ impl<O: Send + 'static> Juicer<O> {
             .map(|_| ())
             .and_then(|()| self.epoch_samples(first_state.epoch).ok());
         let forwards = s.models.classifier.forwards();
+        let score_cache = s.models.score_cache.clone();
         Ok(JuicerIter {
             run,
             forwards,
+            score_cache,
             state: first_state,
             dropped: Vec::new(),
             started: Instant::now(),
@@ -668,6 +831,17 @@ impl<O: Send + 'static> Juicer<O> {
             finished: false,
         })
     }
+}
+
+/// One factory per model thread, each building its own copy of `stage` (a burn module clone shares the
+/// weights' storage until a thread writes to it, which these stages never do).
+fn replicas<S: Clone + Send + 'static>(stage: &S, n: usize) -> Vec<impl FnOnce() -> Result<S> + Send + 'static> {
+    (0..n.max(1))
+        .map(|_| {
+            let s = stage.clone();
+            move || Ok(s)
+        })
+        .collect()
 }
 
 /// The decode stage: bytes → normalised pixels.
@@ -683,6 +857,79 @@ impl Stage for DecodeStage {
 
     fn process(&self, raw: RawSample) -> std::result::Result<Decoded, SampleError> {
         self.0.decode(raw)
+    }
+}
+
+/// Ends a graph truncated by [`Config::last_stage`]: turns what the last stage produced into the sample the
+/// batcher takes. Keeps every patch before prune, the kept ones after it; no classes, no tokens.
+struct Finish<T> {
+    patch: usize,
+    _in: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T> Finish<T> {
+    fn new(patch: usize) -> Self {
+        Self { patch, _in: std::marker::PhantomData }
+    }
+
+    fn sample(d: Decoded, grid: (usize, usize), patch: usize, scores: Vec<f32>, kept: Vec<u32>) -> JuicedSample {
+        JuicedSample {
+            patches: crate::decode::patchify(&d.pixels, d.size, patch, &kept),
+            positions: kept,
+            key: d.key,
+            grid,
+            patch,
+            scores,
+            classes: Vec::new(),
+            caption: d.caption,
+            enriched: String::new(),
+            added: Vec::new(),
+            tokens: Vec::new(),
+            meta: d.meta,
+        }
+    }
+}
+
+impl Stage for Finish<Decoded> {
+    type In = Decoded;
+    type Out = JuicedSample;
+
+    fn name(&self) -> &'static str {
+        "finish"
+    }
+
+    fn process(&self, d: Decoded) -> std::result::Result<JuicedSample, SampleError> {
+        let g = crate::decode::grid(d.size, self.patch);
+        let all = (0..(g.0 * g.1) as u32).collect();
+        Ok(Self::sample(d, g, self.patch, Vec::new(), all))
+    }
+}
+
+impl Stage for Finish<Scored> {
+    type In = Scored;
+    type Out = JuicedSample;
+
+    fn name(&self) -> &'static str {
+        "finish"
+    }
+
+    fn process(&self, s: Scored) -> std::result::Result<JuicedSample, SampleError> {
+        let all = (0..(s.grid.0 * s.grid.1) as u32).collect();
+        Ok(Self::sample(s.sample, s.grid, s.patch, s.scores, all))
+    }
+}
+
+impl Stage for Finish<Pruned> {
+    type In = Pruned;
+    type Out = JuicedSample;
+
+    fn name(&self) -> &'static str {
+        "finish"
+    }
+
+    fn process(&self, p: Pruned) -> std::result::Result<JuicedSample, SampleError> {
+        let s = p.scored;
+        Ok(Self::sample(s.sample, s.grid, s.patch, s.scores, p.kept))
     }
 }
 
@@ -836,6 +1083,8 @@ pub struct Summary {
     pub classes_added: u64,
     /// Images forwarded through the classifier backbone since the loader was built (all epochs).
     pub classifier_images: u64,
+    /// Score cache counters since the loader was built (all epochs), when a cache is configured.
+    pub score_cache: Option<CacheStats>,
     /// Wall time since the epoch started.
     pub elapsed: Duration,
     /// Per-stage counters.
@@ -858,6 +1107,7 @@ impl Summary {
 pub struct JuicerIter<O> {
     run: Run<Output<O>>,
     forwards: Arc<std::sync::atomic::AtomicU64>,
+    score_cache: Option<Arc<ScoreCache>>,
     state: LoaderState,
     dropped: Vec<SampleError>,
     started: Instant,
@@ -895,6 +1145,7 @@ impl<O> JuicerIter<O> {
             classes: self.state.classes,
             classes_added: self.state.classes_added,
             classifier_images: self.forwards.load(Ordering::Relaxed),
+            score_cache: self.score_cache.as_ref().map(|c| c.stats()),
             elapsed: self.started.elapsed(),
             stages: self.run.metrics(),
         }

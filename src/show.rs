@@ -403,7 +403,7 @@ fn blend(a: Rgb<u8>, b: Rgb<u8>, alpha: f32) -> Rgb<u8> {
 }
 
 /// Fills the rectangle `[x0, x1) × [y0, y1)`, clipped to the image.
-fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, colour: Rgb<u8>) {
+pub(crate) fn fill(img: &mut RgbImage, x0: u32, y0: u32, x1: u32, y1: u32, colour: Rgb<u8>) {
     for y in y0..y1.min(img.height()) {
         for x in x0..x1.min(img.width()) {
             img.put_pixel(x, y, colour);
@@ -492,7 +492,7 @@ fn wrap(line: &str, cols: usize) -> Vec<String> {
 
 /// Draws `text` (already normalised) with its top-left corner at `(x, y)`, each font pixel `scale`² output
 /// pixels, clipped to the image.
-fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, colour: Rgb<u8>) {
+pub(crate) fn draw_text(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, colour: Rgb<u8>) {
     let unknown = glyph('?').unwrap_or([0; 8]);
     for (i, c) in text.chars().enumerate() {
         let bits = if c == ' ' { [0; 8] } else { glyph(c).unwrap_or(unknown) };

@@ -1,5 +1,7 @@
 //! The single integration-test binary (one link of burn instead of one per file, as ripgrep does).
 
+mod bench;
+mod cache;
 mod cli;
 mod mobilenet;
 mod pipeline;

@@ -62,6 +62,11 @@ pub const BYTES_WEIGHTS_NAME: &str = "<in-memory safetensors>";
 static EMBEDDED_WEIGHTS: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mobilenet_v2/mobilenet_v2.safetensors"));
 
+/// The bytes of the embedded weights (for fingerprints: the score cache keys its entries by them).
+pub fn embedded_weights() -> &'static [u8] {
+    EMBEDDED_WEIGHTS
+}
+
 /// The 1000 ImageNet class names, one a line, in class-index order.
 static IMAGENET_CLASSES_TXT: &str =
     include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mobilenet_v2/imagenet_classes.txt"));

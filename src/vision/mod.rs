@@ -19,6 +19,7 @@
 //! ratio. Masking the dropped patches and classifying again would cost a second forward and, measured on
 //! labelled photos, loses about 4 points of top-3 accuracy at keep 0.5 (26 at keep 0.25).
 
+pub mod cache;
 pub mod cam;
 pub mod prune;
 
@@ -153,6 +154,11 @@ pub struct VisionConfig {
     pub micro_batch: usize,
     /// Longest wait for a micro-batch to fill (default 20 ms).
     pub max_wait: std::time::Duration,
+    /// Model threads per model stage, each with its own replica of the model on the device (default 1).
+    /// On a CPU device more than one uses more cores; `juicer bench` shows whether it pays.
+    pub model_workers: usize,
+    /// On-disk cache of the scorer's outputs (`cam`, `attention`), so later epochs skip the scoring model.
+    pub score_cache: Option<cache::ScoreCacheConfig>,
 }
 
 impl Default for VisionConfig {
@@ -168,6 +174,8 @@ impl Default for VisionConfig {
             vocabulary: None,
             micro_batch: 16,
             max_wait: std::time::Duration::from_millis(20),
+            model_workers: 1,
+            score_cache: None,
         }
     }
 }
@@ -185,12 +193,18 @@ impl VisionConfig {
         if self.micro_batch == 0 {
             p.push("micro_batch must be at least 1".into());
         }
+        if self.model_workers == 0 {
+            p.push("model_workers must be at least 1".into());
+        }
+        if self.model_workers == 0 {
+            p.push("model_workers must be at least 1".into());
+        }
         p
     }
 }
 
 /// A class candidate with its activation map on the patch grid.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
     /// Class id.
     pub id: u32,
@@ -309,6 +323,7 @@ fn failed_all<T>(keys: impl Iterator<Item = String>, detail: &str) -> Vec<std::r
 }
 
 /// The `cam` scorer stage: one MobileNetV2 forward per micro-batch gives scores and class candidates.
+#[derive(Clone)]
 pub struct CamScorer {
     /// The classifier.
     pub classifier: Classifier,
@@ -350,6 +365,7 @@ impl BatchStage for CamScorer {
 }
 
 /// The `attention` scorer stage: a ViT's [CLS]→patch logits, head-averaged.
+#[derive(Clone)]
 pub struct AttentionScorer {
     /// The ViT.
     pub vit: ViT,
@@ -456,6 +472,7 @@ pub fn select_classes(
 
 /// The extract stage: classes for the kept patches, then the sample the batcher sees. Runs the classifier
 /// only for samples whose scorer did not (attention, random, none).
+#[derive(Clone)]
 pub struct Extract {
     /// Classifier for samples without candidates (`None` on the cam path, where every sample has them).
     pub classifier: Option<Classifier>,
