@@ -1,0 +1,285 @@
+"""The Python side of the peer comparison (`benches/peers/run.sh`): one measurement per call, JSON on stdout.
+
+    python peers.py decode   --shards A.tar B.tar ... --workers N --batch-size 32 --warmup 32
+    python peers.py cam      --inputs cam_inputs.f32 --weights mobilenet_v2.safetensors --batch 16 --images 128 --threads N
+    python peers.py tokenize --captions pairs.jsonl --count 20000
+    python peers.py versions
+
+- decode: webdataset + PIL decode + torchvision Resize(224, bilinear, antialias) + CenterCrop(224) + ToTensor +
+  Normalize(ImageNet) + patchify into [196, 768] (unfold, channel-major per patch as juicer's `patchify`), batched
+  by a torch DataLoader (num_workers = --workers, batch_size = --batch-size). The window opens at the first batch
+  that brings the count of samples to --warmup and closes at the last batch, as `juicer bench` measures.
+- cam: torchvision mobilenet_v2 with the fixture weights (torchvision key names, no download), eval, inference
+  mode, --threads intra-op threads; per batch: features + logits, softmax, top-5 classes (juicer's cam_top 5 >= top_k
+  3), class activation maps (classifier weight rows x feature map), bilinear to 14x14 (align_corners=False), the
+  probability-weighted saliency mix and the top-3 candidates, as juicer's CamScorer. Only the scoring is timed.
+- tokenize: open_clip.tokenize over the captions cycled to --count, one thread (torch.set_num_threads(1)).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def cmd_versions(_args):
+    import numpy
+    import open_clip
+    import PIL
+    import safetensors
+    import torch
+    import torchvision
+    import webdataset
+
+    out = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "webdataset": getattr(webdataset, "__version__", "?"),
+        "pillow": PIL.__version__,
+        "open_clip_torch": open_clip.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": numpy.__version__,
+        "torch_threads_default": torch.get_num_threads(),
+    }
+    try:
+        import importlib.metadata as md
+
+        out["ftfy"] = md.version("ftfy")
+        out["regex"] = md.version("regex")
+        out["webdataset"] = md.version("webdataset")
+    except Exception:  # noqa: BLE001 (versions are informative only)
+        pass
+    print(json.dumps(out))
+
+
+def patchify(x, patch=16):
+    """[3, S, S] -> [(S/P)^2, 3*P*P], row-major patches, each flattened (c, py, px) like juicer's `patchify`."""
+    c = x.shape[0]
+    p = x.unfold(1, patch, patch).unfold(2, patch, patch)  # [3, rows, cols, P, P]
+    rows, cols = p.shape[1], p.shape[2]
+    return p.permute(1, 2, 0, 3, 4).reshape(rows * cols, c * patch * patch)
+
+
+def _identity(x):
+    return x
+
+
+class Prepare:
+    """PIL image -> patches [196, 768]; a module-level class so DataLoader workers can pickle it."""
+
+    def __init__(self):
+        import torchvision.transforms as T
+
+        self.transform = T.Compose(
+            [
+                T.Resize(224, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                T.CenterCrop(224),
+                T.ToTensor(),
+                T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]
+        )
+
+    def __call__(self, image):
+        return patchify(self.transform(image))
+
+
+def cpu_with_workers(pids):
+    """CPU seconds (user + system) of this process and the DataLoader worker processes `pids`; None if unreadable."""
+    total = time.process_time()
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
+def cmd_decode(args):
+    import torch
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(args.workers)  # the main process only collects; each worker runs with 1 torch thread
+    dataset = (
+        wds.WebDataset(args.shards, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg;jpeg;png;webp", "txt")
+        .map_tuple(Prepare(), _identity)
+    )
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    started = time.perf_counter()
+    emitted = 0
+    t0 = None
+    last = None
+    samples = 0
+    batches = 0
+    shape = None
+    it = iter(loader)
+    workers = [w.pid for w in getattr(it, "_workers", [])]
+    cpu0 = cpu1 = None
+    for patches, _captions in it:
+        now = time.perf_counter()
+        n = patches.shape[0]
+        shape = list(patches.shape)
+        emitted += n
+        if t0 is None:
+            if emitted >= args.warmup:
+                t0 = now
+                last = now
+                cpu0 = cpu1 = cpu_with_workers(workers)
+            continue
+        samples += n
+        batches += 1
+        last = now
+        cpu1 = cpu_with_workers(workers)
+    if t0 is None or samples == 0:
+        sys.exit(f"decode: the data ended after {emitted} samples, before the warm-up of {args.warmup} was done")
+    seconds = last - t0
+    print(
+        json.dumps(
+            {
+                "side": "python",
+                "task": "decode",
+                "items": samples,
+                "batches": batches,
+                "seconds": seconds,
+                "per_s": samples / seconds,
+                "cpu_seconds": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+                "warmup_seconds": t0 - started,
+                "workers": args.workers,
+                "batch_shape": shape,
+            }
+        )
+    )
+
+
+def load_mobilenet(weights):
+    import torchvision
+    from safetensors.torch import load_file
+
+    model = torchvision.models.mobilenet_v2(weights=None)
+    missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+    bad = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if bad or unexpected:
+        sys.exit(f"cam: {weights} does not match torchvision's mobilenet_v2: missing {bad}, unexpected {unexpected}")
+    return model.eval()
+
+
+def cmd_cam(args):
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    x = torch.from_numpy(np.fromfile(args.inputs, dtype="<f4").reshape(-1, 3, 224, 224).copy())
+    model = load_mobilenet(args.weights)
+    weight = model.classifier[1].weight.detach()  # [1000, 1280]
+    cam_top, top_k, grid = 5, 3, (14, 14)
+
+    def score(xb):
+        features = model.features(xb)  # [B, 1280, 7, 7]
+        logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1))
+        probs = logits.softmax(dim=1)
+        p, idx = probs.topk(max(cam_top, top_k), dim=1)  # [B, 5]
+        maps = torch.einsum("bkc,bchw->bkhw", weight[idx], features)  # [B, 5, 7, 7]
+        maps = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+        saliency = (p[:, :cam_top, None, None] * maps[:, :cam_top]).sum(dim=1).flatten(1)  # [B, 196]
+        return saliency, idx[:, :top_k], p[:, :top_k], maps[:, :top_k].flatten(2)
+
+    n = x.shape[0]
+    b = args.batch
+    with torch.inference_mode():
+        # Untimed: every distinct input once (warm-up), for the cross-check with juicer.
+        top3, saliency = [], []
+        for i in range(0, n, b):
+            s, idx, p, _maps = score(x[i : i + b])
+            top3.extend([[int(c), float(q)] for c, q in zip(ci, pi)] for ci, pi in zip(idx.tolist(), p.tolist()))
+            saliency.extend(s.tolist())
+        # Timed: whole batches of the inputs cycled, assembled before the clock starts.
+        n_batches = max(1, -(-args.images // b))
+        batches = [x[torch.arange(k * b, (k + 1) * b) % n].contiguous() for k in range(n_batches)]
+        seconds = cpu = 0.0
+        for xb in batches:
+            t, c = time.perf_counter(), time.process_time()
+            out = score(xb)
+            seconds += time.perf_counter() - t
+            cpu += time.process_time() - c
+            del out
+    items = n_batches * b
+    print(
+        json.dumps(
+            {
+                "side": "python",
+                "task": "cam",
+                "items": items,
+                "batch": b,
+                "seconds": seconds,
+                "per_s": items / seconds,
+                "cpu_seconds": cpu,
+                "threads": torch.get_num_threads(),
+                "check": {"top3": top3, "saliency": saliency},
+            }
+        )
+    )
+
+
+def cmd_tokenize(args):
+    import open_clip
+    import torch
+
+    torch.set_num_threads(1)
+    with open(args.captions, encoding="utf-8") as f:
+        unique = [json.loads(line)["caption"] for line in f if line.strip()]
+    texts = [unique[i % len(unique)] for i in range(max(1, args.count))]
+    # Untimed: the distinct captions once (warms open_clip's BPE word cache), for the cross-check with juicer.
+    rows = open_clip.tokenize(unique).tolist()
+    t, c = time.perf_counter(), time.process_time()
+    out = open_clip.tokenize(texts)
+    seconds = time.perf_counter() - t
+    cpu = time.process_time() - c
+    assert tuple(out.shape) == (len(texts), 77)
+    print(
+        json.dumps(
+            {
+                "side": "python",
+                "task": "tokenize",
+                "items": len(texts),
+                "seconds": seconds,
+                "per_s": len(texts) / seconds,
+                "cpu_seconds": cpu,
+                "threads": 1,
+                "check": {"rows": rows},
+            }
+        )
+    )
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("decode")
+    d.add_argument("--shards", nargs="+", required=True)
+    d.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--warmup", type=int, default=32)
+    c = sub.add_parser("cam")
+    c.add_argument("--inputs", required=True)
+    c.add_argument("--weights", required=True)
+    c.add_argument("--batch", type=int, default=16)
+    c.add_argument("--images", type=int, default=128)
+    c.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    t = sub.add_parser("tokenize")
+    t.add_argument("--captions", required=True)
+    t.add_argument("--count", type=int, default=20000)
+    sub.add_parser("versions")
+    args = ap.parse_args()
+    {"decode": cmd_decode, "cam": cmd_cam, "tokenize": cmd_tokenize, "versions": cmd_versions}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
