@@ -67,10 +67,13 @@
 //!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
 //! - [`vision`]: scorer stages (`cam`, `attention`, `random`, `none`), [`vision::prune`] (keep policies), the
-//!   extract rule and stage, [`vision::cam`] (CAM maths on the host).
+//!   extract rule and stage, [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the bounded on-disk
+//!   score cache: later epochs skip the scoring model; a wrong hit is impossible by construction, since entries
+//!   are keyed by sample key and decoded pixels inside a namespace of scorer, weights and preprocessing).
 //! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process) and the enrich stage
 //!   (mention detection with synonyms and plurals, template, deterministic `mix`, context-overflow policy).
-//! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights) and a HuggingFace ViT.
+//! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
+//!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`).
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
 //! - [`bench`]: the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline (one per
 //!   device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck, process CPU

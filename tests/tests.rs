@@ -8,6 +8,7 @@ mod pipeline;
 mod source;
 mod text;
 mod tokenizer;
+mod train;
 mod util;
 mod vision;
 mod vit;

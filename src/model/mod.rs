@@ -1,5 +1,7 @@
-//! burn models: torchvision MobileNetV2 (the embedded default for the `cam` scorer and class extraction) and a
-//! HuggingFace-layout ViT (the `attention` scorer).
+//! burn models: torchvision MobileNetV2 (the embedded default for the `cam` scorer and class extraction), a
+//! HuggingFace-layout ViT (the `attention` scorer) and a small trainable CLIP over juiced batches ([`clip`]: kept
+//! patches with their grid positions, CLIP tokens, contrastive loss; the `train_clip` example and the step bench).
 
+pub mod clip;
 pub mod mobilenet_v2;
 pub mod vit;
