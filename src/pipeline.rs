@@ -20,14 +20,14 @@ use crate::batch::{JuicedBatch, JuicedBatcher};
 use crate::decode::{DecodeConfig, Decoder};
 use crate::device::DeviceSpec;
 use crate::error::{Error, OnError, Result, SampleError};
-use crate::graph::{Envelope, Graph, Run, SinkLogic, SinkStep, StageSnapshot};
+use crate::graph::{Envelope, Graph, Inlet, Run, SinkLogic, SinkStep, StageSnapshot};
 use crate::model::vit::{self, ViT};
 use crate::plan::{EpochSize, LoaderState, ShardPlan, Trace, World};
 use crate::reader::{ReadSetup, reader_worker, sequencer};
 use crate::rng::hash_str;
 use crate::sample::{Decoded, JuicedSample, RawSample};
 use crate::source::{ReadOptions, Shard, resolve};
-use crate::stage::Stage;
+use crate::stage::{BatchStage, Stage};
 use crate::text::EnrichStage;
 use crate::text::enrich::{EnrichConfig, Enricher};
 use crate::text::tokenizer::ClipTokenizer;
@@ -709,49 +709,13 @@ impl<O: Send + 'static> Juicer<O> {
                 ScorerSpec::Cam => {
                     let stage =
                         CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k: v.top_k };
-                    match &m.score_cache {
-                        Some(cache) => {
-                            let stage = Cached { inner: stage, cache: cache.clone(), patch };
-                            graph.model(
-                                "score",
-                                decoded,
-                                replicas(&stage, v.model_workers),
-                                v.micro_batch,
-                                v.max_wait,
-                            )?
-                        }
-                        None => graph.model(
-                            "score",
-                            decoded,
-                            replicas(&stage, v.model_workers),
-                            v.micro_batch,
-                            v.max_wait,
-                        )?,
-                    }
+                    score_stage(&mut graph, decoded, stage, m.score_cache.as_ref(), patch, v)?
                 }
                 ScorerSpec::Attention(_) => {
                     let vit =
                         m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
                     let stage = AttentionScorer { vit, device: self.device.clone() };
-                    match &m.score_cache {
-                        Some(cache) => {
-                            let stage = Cached { inner: stage, cache: cache.clone(), patch };
-                            graph.model(
-                                "score",
-                                decoded,
-                                replicas(&stage, v.model_workers),
-                                v.micro_batch,
-                                v.max_wait,
-                            )?
-                        }
-                        None => graph.model(
-                            "score",
-                            decoded,
-                            replicas(&stage, v.model_workers),
-                            v.micro_batch,
-                            v.max_wait,
-                        )?,
-                    }
+                    score_stage(&mut graph, decoded, stage, m.score_cache.as_ref(), patch, v)?
                 }
                 ScorerSpec::Random => {
                     graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch }), workers)?
@@ -842,6 +806,27 @@ fn replicas<S: Clone + Send + 'static>(stage: &S, n: usize) -> Vec<impl FnOnce()
             move || Ok(s)
         })
         .collect()
+}
+
+/// Adds a model scorer as the `score` stage, behind the score cache when there is one.
+fn score_stage<S>(
+    graph: &mut Graph,
+    decoded: Inlet<Envelope<Decoded, Trace>>,
+    stage: S,
+    cache: Option<&Arc<ScoreCache>>,
+    patch: usize,
+    v: &VisionConfig,
+) -> Result<Inlet<Envelope<Scored, Trace>>>
+where
+    S: BatchStage<In = Decoded, Out = Scored> + Clone,
+{
+    match cache {
+        Some(cache) => {
+            let stage = Cached { inner: stage, cache: cache.clone(), patch };
+            graph.model("score", decoded, replicas(&stage, v.model_workers), v.micro_batch, v.max_wait)
+        }
+        None => graph.model("score", decoded, replicas(&stage, v.model_workers), v.micro_batch, v.max_wait),
+    }
 }
 
 /// The decode stage: bytes → normalised pixels.

@@ -3,26 +3,16 @@
 //! the numbers the report gives agree with each other and with what the pipeline did.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
+use crate::util::{juicer, stderr};
+
 const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
 
-fn juicer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_juicer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS")
-        .output()
-        .expect("spawn the juicer binary")
-}
-
 fn ok(out: &Output) -> String {
-    assert!(out.status.success(), "juicer failed ({}):\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "juicer failed ({}):\n{}", out.status, stderr(out));
     String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
 
@@ -192,7 +182,7 @@ fn bench_one_pipeline_per_device_splits_the_shards() {
 fn bench_synthetic_shards_json_on_stdout() {
     let dir = tempfile::tempdir().unwrap();
     let syn = dir.path().join("syn");
-    let args = [
+    let synthetic = [
         "bench",
         "--synthetic",
         "24",
@@ -204,13 +194,8 @@ fn bench_synthetic_shards_json_on_stdout() {
         syn.to_str().unwrap(),
         "--scorer",
         "random",
-        "--batch-size",
-        "8",
-        "--warmup",
-        "8",
-        "--json",
-        "-",
     ];
+    let args = [&synthetic[..], &["--batch-size", "8", "--warmup", "8", "--json", "-"]].concat();
     let out = juicer(&args);
     let stdout = ok(&out);
     let r: Value = serde_json::from_str(&stdout).expect("with --json - stdout holds the JSON report only");
@@ -218,25 +203,11 @@ fn bench_synthetic_shards_json_on_stdout() {
     let p = &r["pipelines"][0];
     check_pipeline(p);
     assert_eq!(u(&p["samples"]), 24 - 8);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bottleneck"), "the table goes to stderr");
+    assert!(stderr(&out).contains("bottleneck"), "the table goes to stderr");
     let shards: Vec<_> = std::fs::read_dir(&syn).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
     assert_eq!(shards.len(), 4, "3 shards + manifest: {shards:?}");
     // The warm-up must end before the data does.
-    let short = juicer(&[
-        "bench",
-        "--synthetic-dir",
-        syn.to_str().unwrap(),
-        "--synthetic",
-        "24",
-        "--synthetic-size",
-        "96x64",
-        "--synthetic-shard",
-        "8",
-        "--scorer",
-        "random",
-        "--warmup",
-        "100",
-    ]);
+    let short = juicer(&[&synthetic[..], &["--warmup", "100"]].concat());
     assert!(!short.status.success());
-    assert!(String::from_utf8_lossy(&short.stderr).contains("warm-up"), "{}", String::from_utf8_lossy(&short.stderr));
+    assert!(stderr(&short).contains("warm-up"), "{}", stderr(&short));
 }

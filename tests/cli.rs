@@ -3,33 +3,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
-use crate::util::{Fault, fixtures, make_shards, specs};
+use crate::util::{Fault, fixtures, juicer, make_shards, specs, stderr};
 
 const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
 const SHARD_FILES: [&str; 3] = ["gcompris-000000.tar", "gcompris-000001.tar", "gcompris-000002.tar"];
-
-/// Runs the binary from the repository root (so fixture paths are relative, as a user types them).
-fn juicer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_juicer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RUST_BACKTRACE")
-        .env_remove("RUST_LIB_BACKTRACE")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS")
-        .output()
-        .expect("spawn the juicer binary")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Asserts success and parses stdout as JSON lines.
 fn records(out: &Output) -> Vec<Value> {

@@ -2,6 +2,7 @@
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use juicer::source::ShardWriter;
 
@@ -70,4 +71,25 @@ pub fn specs(paths: &[PathBuf]) -> Vec<String> {
 /// Root of the repository's fixtures.
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Runs the `juicer` binary from the repository root (so fixture paths are relative, as a user types them), with
+/// the rank and backtrace variables of the test environment removed.
+pub fn juicer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_juicer"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_PROCID")
+        .env_remove("SLURM_NTASKS")
+        .output()
+        .expect("spawn the juicer binary")
+}
+
+/// A finished process's stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }

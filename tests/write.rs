@@ -4,36 +4,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use juicer::RawSample;
 use juicer::decode::{DecodeConfig, Decoder, IMAGENET_MEAN};
 use juicer::source::{ReadOptions, resolve};
 use serde_json::Value;
 
-use crate::util::png;
+use crate::util::{juicer, png, stderr};
 
 const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
 /// Small inputs keep the three pipeline runs of the main test to a few seconds; a 7×7 grid of 16-px patches.
 const SIZE: usize = 112;
 const OPTS: [&str; 8] = ["--device", "cpu", "--image-size", "112", "--seed", "5", "--mix", "0.7"];
-
-/// Runs the binary from the repository root.
-fn juicer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_juicer"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS")
-        .output()
-        .expect("spawn the juicer binary")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn ok(out: &Output) -> &Output {
     assert!(out.status.success(), "juicer failed ({}):\n{}", out.status, stderr(out));

@@ -38,6 +38,11 @@ pub const CLIP_VOCAB: usize = 49_408;
 /// Standard deviation of the learned embeddings' initialisation (CLIP's 0.02).
 const EMBED_STD: f64 = 0.02;
 
+/// `Ok` when there is no problem, else every problem as one [`Error::Config`].
+fn valid(problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems)) }
+}
+
 /// Every transformer problem in a width/heads pair, for `validate`.
 fn transformer_problems(what: &str, d_model: usize, n_heads: usize, d_ff: usize, out: &mut Vec<String>) {
     if d_model == 0 || n_heads == 0 || d_ff == 0 {
@@ -111,10 +116,7 @@ impl VisionTowerConfig {
     ///
     /// [`Error::Config`] listing every problem of [`VisionTowerConfig::problems`].
     pub fn init(&self, device: &Device) -> Result<VisionTower> {
-        let problems = self.problems();
-        if !problems.is_empty() {
-            return Err(Error::Config(problems));
-        }
+        valid(self.problems())?;
         let d = self.d_model;
         let normal = Initializer::Normal { mean: 0.0, std: EMBED_STD };
         let tower = VisionTower {
@@ -238,10 +240,7 @@ impl TextTowerConfig {
     ///
     /// [`Error::Config`] listing every problem of [`TextTowerConfig::problems`].
     pub fn init(&self, device: &Device) -> Result<TextTower> {
-        let problems = self.problems();
-        if !problems.is_empty() {
-            return Err(Error::Config(problems));
-        }
+        valid(self.problems())?;
         let d = self.d_model;
         let normal = Initializer::Normal { mean: 0.0, std: EMBED_STD };
         let tower = TextTower {
@@ -350,10 +349,7 @@ impl ClipConfig {
     ///
     /// [`Error::Config`] listing every problem of [`ClipConfig::problems`].
     pub fn init(&self, device: &Device) -> Result<Clip> {
-        let problems = self.problems();
-        if !problems.is_empty() {
-            return Err(Error::Config(problems));
-        }
+        valid(self.problems())?;
         let clip = Clip {
             vision: self.vision.init(device)?,
             text: self.text.init(device)?,
