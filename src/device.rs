@@ -56,8 +56,14 @@ impl fmt::Display for DeviceSpec {
 pub fn hardware_gpus() -> (usize, usize) {
     #[cfg(feature = "wgpu")]
     {
-        let instance = wgpu::Instance::default();
-        let adapters = futures::executor::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        // Vulkan, Metal and DX12 only, the backends burn's wgpu kernels run on; probing GL (EGL) as well would
+        // only add start-up time and could count an adapter burn cannot use.
+        let descriptor = wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::PRIMARY,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        };
+        let instance = wgpu::Instance::new(descriptor);
+        let adapters = futures::executor::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
         let count = |t: wgpu::DeviceType| adapters.iter().filter(|a| a.get_info().device_type == t).count();
         (count(wgpu::DeviceType::DiscreteGpu), count(wgpu::DeviceType::IntegratedGpu))
     }
