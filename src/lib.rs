@@ -83,7 +83,7 @@
 //! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
 //!   `KEY.png`, enriched `KEY.txt`, original `KEY.orig.txt`, classes and scores `KEY.json`) through a
 //!   host-only batcher.
-//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`); the only place `anyhow` is used.
+//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`, `bench`); the only place `anyhow` is used.
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it

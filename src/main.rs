@@ -1,5 +1,6 @@
 //! The `juicer` command line: `run` streams the pipeline over shards and reports what it did; `show` renders
-//! what it kept as pictures; `pack` turns a folder of images + captions JSONL into WebDataset shards.
+//! what it kept as pictures; `pack` turns a folder of images + captions JSONL into WebDataset shards; `write`
+//! juices shards offline into new WebDataset shards; `bench` measures throughput, CPU, memory and the bottleneck.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
