@@ -75,7 +75,7 @@
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
 //!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`).
 //!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
-//! - [`bench`]: the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline (one per
+//! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline (one per
 //!   device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck, process CPU
 //!   time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
 //! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.

@@ -1,7 +1,7 @@
 //! Deterministic randomness: a SplitMix64 generator and seed derivation.
 //!
 //! Everything random in juicer (shard order, the shuffle buffer, the `random` scorer, `mix`) is drawn from
-//! generators seeded by [`derive`] from the user's seed and the coordinates of the draw (epoch, pass, rank,
+//! generators seeded by [`derive`](fn@derive) from the user's seed and the coordinates of the draw (epoch, pass, rank,
 //! sample key). SplitMix64 is tiny, fast, has a 64-bit state that fits in a checkpoint, and, unlike `rand`'s
 //! `StdRng`, its output is fixed forever, so a checkpoint written today resumes identically after an upgrade.
 

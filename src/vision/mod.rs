@@ -5,7 +5,7 @@
 //!   1280×7×7 feature map and the logits; saliency is the class activation map of the top `cam_top` classes,
 //!   weighted by their probabilities, resampled bilinearly to the patch grid. The same forward's logits and
 //!   maps feed `extract`, so the cam path costs one model forward per image.
-//! - `attention` (the paper's): a HuggingFace ViT's last-layer [CLS]-query × patch-key logits, averaged over
+//! - `attention` (the paper's): a HuggingFace ViT's last-layer \[CLS\]-query × patch-key logits, averaged over
 //!   heads. The classifier then runs once on the full image in the extract stage.
 //! - `random`: scores drawn from (seed, key), the fair baseline for any saliency method. `none`: keep all.
 //!
@@ -364,7 +364,7 @@ impl BatchStage for CamScorer {
     }
 }
 
-/// The `attention` scorer stage: a ViT's [CLS]→patch logits, head-averaged.
+/// The `attention` scorer stage: a ViT's \[CLS\]→patch logits, head-averaged.
 #[derive(Clone)]
 pub struct AttentionScorer {
     /// The ViT.
