@@ -846,7 +846,8 @@ impl Stage for DecodeStage {
 }
 
 /// Ends a graph truncated by [`Config::last_stage`]: turns what the last stage produced into the sample the
-/// batcher takes. Keeps every patch before prune, the kept ones after it; no classes, no tokens.
+/// batcher takes ([`Pruned::into_juiced`]). Keeps every patch before prune, the kept ones after it; no classes,
+/// no tokens.
 struct Finish<T> {
     patch: usize,
     _in: std::marker::PhantomData<fn(T)>,
@@ -856,23 +857,12 @@ impl<T> Finish<T> {
     fn new(patch: usize) -> Self {
         Self { patch, _in: std::marker::PhantomData }
     }
+}
 
-    fn sample(d: Decoded, grid: (usize, usize), patch: usize, scores: Vec<f32>, kept: Vec<u32>) -> JuicedSample {
-        JuicedSample {
-            patches: crate::decode::patchify(&d.pixels, d.size, patch, &kept),
-            positions: kept,
-            key: d.key,
-            grid,
-            patch,
-            scores,
-            classes: Vec::new(),
-            caption: d.caption,
-            enriched: String::new(),
-            added: Vec::new(),
-            tokens: Vec::new(),
-            meta: d.meta,
-        }
-    }
+/// Keeps every patch of a scored sample.
+fn keep_all(scored: Scored) -> Pruned {
+    let kept = (0..(scored.grid.0 * scored.grid.1) as u32).collect();
+    Pruned { scored, kept }
 }
 
 impl Stage for Finish<Decoded> {
@@ -884,9 +874,9 @@ impl Stage for Finish<Decoded> {
     }
 
     fn process(&self, d: Decoded) -> std::result::Result<JuicedSample, SampleError> {
-        let g = crate::decode::grid(d.size, self.patch);
-        let all = (0..(g.0 * g.1) as u32).collect();
-        Ok(Self::sample(d, g, self.patch, Vec::new(), all))
+        let grid = crate::decode::grid(d.size, self.patch);
+        let scored = Scored { sample: d, grid, patch: self.patch, scores: Vec::new(), candidates: None };
+        Ok(keep_all(scored).into_juiced(Vec::new()))
     }
 }
 
@@ -899,8 +889,7 @@ impl Stage for Finish<Scored> {
     }
 
     fn process(&self, s: Scored) -> std::result::Result<JuicedSample, SampleError> {
-        let all = (0..(s.grid.0 * s.grid.1) as u32).collect();
-        Ok(Self::sample(s.sample, s.grid, s.patch, s.scores, all))
+        Ok(keep_all(s).into_juiced(Vec::new()))
     }
 }
 
@@ -913,8 +902,7 @@ impl Stage for Finish<Pruned> {
     }
 
     fn process(&self, p: Pruned) -> std::result::Result<JuicedSample, SampleError> {
-        let s = p.scored;
-        Ok(Self::sample(s.sample, s.grid, s.patch, s.scores, p.kept))
+        Ok(p.into_juiced(Vec::new()))
     }
 }
 

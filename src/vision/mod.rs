@@ -238,6 +238,29 @@ pub struct Pruned {
     pub kept: Vec<u32>,
 }
 
+impl Pruned {
+    /// The sample the batcher sees: the kept patches cut from the pixels, with `classes`; caption enrichment and
+    /// tokens are still to come.
+    pub fn into_juiced(self, classes: Vec<Class>) -> JuicedSample {
+        let Pruned { scored, kept } = self;
+        let d = scored.sample;
+        JuicedSample {
+            patches: patchify(&d.pixels, d.size, scored.patch, &kept),
+            positions: kept,
+            key: d.key,
+            grid: scored.grid,
+            patch: scored.patch,
+            scores: scored.scores,
+            classes,
+            caption: d.caption,
+            enriched: String::new(),
+            added: Vec::new(),
+            tokens: Vec::new(),
+            meta: d.meta,
+        }
+    }
+}
+
 /// The MobileNetV2 classifier with a host copy of its head for class activation maps.
 #[derive(Clone)]
 pub struct Classifier {
@@ -491,24 +514,9 @@ pub struct Extract {
 
 impl Extract {
     fn finish(&self, p: Pruned, candidates: &[Candidate]) -> JuicedSample {
-        let Pruned { scored, kept } = p;
-        let n = scored.grid.0 * scored.grid.1;
-        let classes = select_classes(candidates, &kept, n, self.top_k, self.min_prob, self.margin, &self.vocabulary);
-        let d = scored.sample;
-        JuicedSample {
-            patches: patchify(&d.pixels, d.size, scored.patch, &kept),
-            positions: kept,
-            key: d.key,
-            grid: scored.grid,
-            patch: scored.patch,
-            scores: scored.scores,
-            classes,
-            caption: d.caption,
-            enriched: String::new(),
-            added: Vec::new(),
-            tokens: Vec::new(),
-            meta: d.meta,
-        }
+        let n = p.scored.grid.0 * p.scored.grid.1;
+        let classes = select_classes(candidates, &p.kept, n, self.top_k, self.min_prob, self.margin, &self.vocabulary);
+        p.into_juiced(classes)
     }
 
     fn imagenet_input<'a>(&self, pixels: &'a [f32], size: usize) -> std::borrow::Cow<'a, [f32]> {
