@@ -78,9 +78,10 @@ fn run(n: u64, depth: usize, workers: usize) -> u64 {
         .source(source, window, move |em| {
             for i in 0..n {
                 if !em.emit((), Ok(i)) {
-                    return;
+                    return Ok(());
                 }
             }
+            Ok(())
         })
         .expect("source thread");
     let stage = Arc::new(Noop);

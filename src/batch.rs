@@ -9,7 +9,7 @@
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
-use crate::sample::{Class, JuicedSample};
+use crate::sample::{CONTEXT, Class, JuicedSample};
 
 /// A batch of juiced samples on the target device.
 #[derive(Debug, Clone)]
@@ -75,7 +75,7 @@ impl Batcher<JuicedSample, JuicedBatch> for JuicedBatcher {
         let mut patches = vec![0f32; b * k * dim];
         let mut positions = vec![0i64; b * k];
         let mut mask = vec![false; b * k];
-        let ctx = crate::text::tokenizer::CONTEXT;
+        let ctx = CONTEXT;
         let mut tokens = vec![0i64; b * ctx];
         let mut token_mask = vec![false; b * ctx];
         let mut enriched = Vec::with_capacity(b);

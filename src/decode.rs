@@ -20,7 +20,8 @@
 //! EXIF orientation. `image` 0.25 decodes some truncated JPEGs without an error, so a JPEG whose data does not
 //! end with the end-of-image marker `FF D9` (trailing `0x00` padding allowed) is rejected here.
 //!
-//! [`patchify`] cuts the normalised pixels into the ViT patch layout the batcher uses.
+//! [`patchify`] cuts the normalised pixels into the ViT patch layout the batcher uses. [`DecodeStage`] is the
+//! graph's `decode` stage: a [`Decoder`] applied to each [`RawSample`].
 
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
 use image::{ImageFormat, RgbImage};
@@ -28,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DropReason, Error, SampleError};
 use crate::sample::{Decoded, RawSample};
+use crate::stage::Stage;
 
 /// ImageNet channel means (RGB), as used by torchvision's classification presets.
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -243,6 +245,23 @@ impl Decoder {
             b[i] = lb[usize::from(px[2])];
         }
         out
+    }
+}
+
+/// The `decode` stage: bytes → normalised pixels, one sample per call on the decode worker pool.
+#[derive(Debug)]
+pub struct DecodeStage(pub Decoder);
+
+impl Stage for DecodeStage {
+    type In = RawSample;
+    type Out = Decoded;
+
+    fn name(&self) -> &'static str {
+        "decode"
+    }
+
+    fn process(&self, raw: RawSample) -> std::result::Result<Decoded, SampleError> {
+        self.0.decode(raw)
     }
 }
 

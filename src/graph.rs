@@ -404,8 +404,10 @@ impl Graph {
         self.live.clone()
     }
 
-    /// Spawns a named thread whose panics are caught and recorded.
-    pub fn spawn(&mut self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
+    /// Spawns a named thread. An `Err` it returns, or a panic, is recorded (a panic as [`Error::Stage`], an
+    /// error as itself, so a typed error such as [`Error::State`] reaches the consumer unchanged) and raises
+    /// the shutdown flag; the sink reports the first one.
+    pub fn spawn(&mut self, name: &str, body: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
         let failures = self.failures.clone();
         let shutdown = self.shutdown.clone();
         let live = self.live.clone();
@@ -414,14 +416,21 @@ impl Graph {
         let handle = std::thread::Builder::new()
             .name(format!("juicer-{name}"))
             .spawn(move || {
-                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
-                    let detail = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "panicked".to_string());
+                let failure = match catch_unwind(AssertUnwindSafe(body)) {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(panic) => {
+                        let detail = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "panicked".to_string());
+                        Some(Error::Stage { stage, detail })
+                    }
+                };
+                if let Some(e) = failure {
                     if let Ok(mut f) = failures.lock() {
-                        f.push(Error::Stage { stage, detail });
+                        f.push(e);
                     }
                     shutdown.store(true, Ordering::SeqCst);
                 }
@@ -433,12 +442,13 @@ impl Graph {
     }
 
     /// Starts the source stage: `body` runs on its own thread and emits items through an [`Emitter`];
-    /// at most `window` items are in flight between it and the ordered sink.
+    /// at most `window` items are in flight between it and the ordered sink. An `Err` from `body` ends the
+    /// run with that error (see [`Graph::spawn`]).
     pub fn source<T, M>(
         &mut self,
         me: Arc<StageMetrics>,
         window: usize,
-        body: impl FnOnce(&mut Emitter<T, M>) + Send + 'static,
+        body: impl FnOnce(&mut Emitter<T, M>) -> Result<()> + Send + 'static,
     ) -> Result<(Inlet<Envelope<T, M>>, Credits)>
     where
         T: Send + 'static,
@@ -492,6 +502,7 @@ impl Graph {
                         break;
                     }
                 }
+                Ok(())
             })?;
         }
         Ok(inlet)
@@ -531,7 +542,7 @@ impl Graph {
                     }
                     Err(e) => {
                         let _ = ready.send(Err(e));
-                        return;
+                        return Ok(());
                     }
                 };
                 drop(ready);
@@ -553,10 +564,11 @@ impl Graph {
                     me.busy_since(t);
                     for env in done {
                         if !out.send(env) {
-                            return;
+                            return Ok(());
                         }
                     }
                 }
+                Ok(())
             })?;
         }
         drop(ready_tx);
@@ -628,7 +640,7 @@ impl Graph {
                     if stop {
                         shutdown.store(true, Ordering::SeqCst);
                         drop(give);
-                        return;
+                        return Ok(());
                     }
                 }
             }
@@ -639,6 +651,7 @@ impl Graph {
                     break;
                 }
             }
+            Ok(())
         })?;
         Ok(Run { rx, graph: self })
     }
@@ -791,9 +804,10 @@ mod tests {
                     }
                     let body = if i == 3 { Err(SampleError::new("bad", DropReason::StageFailed, "x")) } else { Ok(i) };
                     if !em.emit((), body) {
-                        return;
+                        return Ok(());
                     }
                 }
+                Ok(())
             })
             .unwrap()
     }
@@ -879,5 +893,43 @@ mod tests {
         assert!(matches!(&last, Err(m) if m.contains("boom at 5")), "{last:?}");
         drop(run);
         assert_eq!(live.load(Ordering::SeqCst), 0);
+    }
+
+    /// Records the failure the sink finishes with, typed.
+    struct Keep(Arc<Mutex<Option<Error>>>);
+
+    impl SinkLogic for Keep {
+        type In = u64;
+        type Meta = ();
+        type Out = ();
+
+        fn accept(&mut self, _: Envelope<u64, ()>) -> SinkStep<()> {
+            SinkStep::Continue(Vec::new())
+        }
+
+        fn finish(&mut self, failure: Option<Error>) -> Vec<()> {
+            *self.0.lock().unwrap() = failure;
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_source_error_reaches_the_sink_as_the_same_typed_error() {
+        let mut g = Graph::new(2);
+        let me = g.stage("source", 1);
+        let (inlet, credits) = g
+            .source(me, 8, |em: &mut Emitter<u64, ()>| {
+                em.emit((), Ok(1));
+                Err(Error::State("position past the shard's end".into()))
+            })
+            .unwrap();
+        let seen = Arc::new(Mutex::new(None));
+        let mut run = g.sink(inlet, credits, Keep(seen.clone())).unwrap();
+        while run.blocking_recv().is_some() {}
+        let live = run.live_threads();
+        drop(run);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
+        let seen = seen.lock().unwrap().take();
+        assert!(matches!(&seen, Some(Error::State(m)) if m.contains("past the shard's end")), "{seen:?}");
     }
 }

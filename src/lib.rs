@@ -46,12 +46,30 @@
 //! thread when dropped.
 //!
 //! ## Code map
-//! - [`pipeline`]: **API boundary.** [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`), [`Juicer`] (the
-//!   loader: epochs, resume, the burn `DataLoader` impl), [`JuicerIter`] (one epoch; `Iterator`, `next_async`,
-//!   `into_stream`, `state`, `summary`). Also the ordered sink's logic: checkpoint mirror, accounting, batching.
+//! Every stage of the diagram is one file, its configuration beside its runtime:
+//!
+//! | stage | file | config | runtime |
+//! |---|---|---|---|
+//! | read | `src/reader.rs` (+ [`source`]) | [`source::ReadOptions`] | reader workers (shard prefetch) |
+//! | shuffle | `src/reader.rs` | [`Config::shuffle_buffer`] | the sequencer, the graph's source |
+//! | decode | `src/decode.rs` | [`decode::DecodeConfig`] | [`decode::DecodeStage`] |
+//! | score | `src/vision/score.rs` | [`ScorerSpec`] | [`vision::CamScorer`], [`vision::AttentionScorer`], [`vision::PlainScorer`] |
+//! | prune | `src/vision/prune.rs` | [`PruneConfig`], [`KeepPolicy`] | [`vision::PruneStage`] |
+//! | extract | `src/vision/extract.rs` | [`vision::VisionConfig`], [`vision::Vocabulary`] | [`vision::Extract`] |
+//! | enrich | `src/text/enrich.rs` | [`text::enrich::EnrichConfig`] | [`text::EnrichStage`] over [`text::enrich::Enricher`] |
+//! | batch | `src/pipeline/sink.rs` + `src/batch.rs` | [`Config::batch_size`] | the ordered sink, then [`JuicedBatcher`] |
+//!
+//! By module:
+//! - [`pipeline`]: **API boundary.** `mod.rs`: [`Juicer`] (the loader: shards, epochs, resume) and [`JuicerIter`]
+//!   (one epoch; `Iterator`, `next_async`, `into_stream`, `state`, `summary`); `config.rs`: [`Config`],
+//!   [`LastStage`]; `builder.rs`: [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`); `models.rs`: models
+//!   loaded once at build time, the score cache's namespace; `topology.rs`: the stage graph of one epoch, wired in
+//!   diagram order; `sink.rs`: the ordered sink (checkpoint mirror, accounting, batching) and [`Summary`];
+//!   `loader.rs`: burn's `DataLoader` trait.
 //! - [`graph`]: the runtime. Bounded instrumented edges ([`graph::Outlet`]/[`graph::Inlet`]), per-item stages on
 //!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink,
-//!   per-stage metrics, shutdown. **Invariant:** the only module that knows threads, crossbeam and tokio.
+//!   per-stage metrics, shutdown; thread bodies return [`Result`], and the first error reaches the consumer
+//!   typed. **Invariant:** the only module that knows threads, crossbeam and tokio.
 //! - [`stage`]: the [`stage::Stage`] (per item) and [`stage::BatchStage`] (per micro-batch, owns a model)
 //!   traits. **Invariant:** stages never touch a channel.
 //! - [`reader`]: reader workers (shard prefetch) and the sequencer (canonical order + shuffle buffer), which emits
@@ -61,29 +79,39 @@
 //! - [`source`]: WebDataset tar shards (local, `http(s)://` streamed with Range-resume), folder + JSONL, shard
 //!   specs (globs, brace ranges), and [`source::ShardWriter`]. **Invariant:** a sample is read whole or reported
 //!   as `Truncated`, never short.
-//! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`.
+//! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode
+//!   stage; the one copy of the ImageNet and CLIP normalisation constants.
+//! - [`sample`]: the item each edge carries ([`RawSample`] → [`Decoded`] → [`Scored`](sample::Scored) →
+//!   [`Pruned`](sample::Pruned) → [`JuicedSample`]) and CLIP's token context ([`sample::CONTEXT`]).
 //! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
 //!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`], in the model
 //!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
-//! - [`vision`]: scorer stages (`cam`, `attention`, `random`, `none`), [`vision::prune`] (keep policies), the
-//!   extract rule and stage, [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the bounded on-disk
-//!   score cache: later epochs skip the scoring model; a wrong hit is impossible by construction, since entries
-//!   are keyed by sample key and decoded pixels inside a namespace of scorer, weights and preprocessing).
+//! - [`vision`]: `score.rs`, `prune.rs`, `extract.rs` (the stages above), `vocabulary.rs` (class names and
+//!   synonyms, shared with the text branch), [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the
+//!   bounded on-disk score cache: later epochs skip the scoring model; a wrong hit is impossible by construction,
+//!   since entries are keyed by sample key and decoded pixels inside a namespace of scorer, weights and
+//!   preprocessing).
 //! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process) and the enrich stage
-//!   (mention detection with synonyms and plurals, template, deterministic `mix`, context-overflow policy).
+//!   (mention detection with the vocabulary's synonyms and plurals, template, deterministic `mix`,
+//!   context-overflow policy). **Invariant:** knows no model; the vocabulary is handed to it.
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
-//!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`).
-//!   **Invariant:** weights are validated tensor by tensor when loaded; a bad file never loads partially.
-//! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline (one per
-//!   device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck, process CPU
-//!   time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
-//! - [`sample`], [`error`], [`rng`]: the item types per edge, the one error enum and drop reasons, SplitMix64.
-//! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) for `juicer show`.
+//!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`); one
+//!   safetensors framing reader ([`model::safetensors`]). **Invariant:** weights are validated tensor by tensor
+//!   when loaded; a bad file never loads partially.
+//! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline
+//!   (one per device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck,
+//!   process CPU time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
+//! - [`error`], [`rng`]: the one error enum and drop reasons, SplitMix64.
+//! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) and collects what
+//!   `juicer show` draws ([`show::ShowRun`]).
 //! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
 //!   `KEY.png`, enriched `KEY.txt`, original `KEY.orig.txt`, classes and scores `KEY.json`) through a
 //!   host-only batcher.
-//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`, `bench`); the only place `anyhow` is used.
+//! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`, `bench`); parses arguments, calls the
+//!   library, prints. The only place `anyhow` is used.
+//! - **Imports point down.** Modules import what they use by its own path (`crate::error::{Error, Result}`),
+//!   never through the re-exports below, which exist for users.
 //!
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it

@@ -503,73 +503,25 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Renders each sample: the loader runs once for the juicing results, then the shards are read again for the
-/// crops of exactly those samples (the batch carries patches, not the whole crop).
+/// Renders each sample (`juicer::show::ShowRun`), one PNG per sample, and prints their paths.
 fn show(args: ShowArgs) -> anyhow::Result<()> {
-    use juicer::show::{Panel, png_name, render, save_png};
+    use juicer::show::{ShowRun, png_name, save_png};
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     let mut run_args = args.run;
     run_args.limit = run_args.limit.or(Some(16)); // never render a whole dataset by accident
     let loader = build_loader(&run_args)?;
-    let decoder = juicer::decode::Decoder::new(loader.config().decode.clone());
-    struct Seen {
-        grid: (usize, usize),
-        patch: usize,
-        scores: Vec<f32>,
-        kept: Vec<u32>,
-        classes: Vec<juicer::Class>,
-        caption: Option<String>,
-        enriched: String,
-    }
-    let mut wanted = std::collections::HashMap::<String, Seen>::new();
-    let mut it = loader.iter()?;
-    for batch in it.by_ref() {
-        let b = batch?;
-        for i in 0..b.len() {
-            let seen = Seen {
-                grid: b.grid,
-                patch: b.patch,
-                scores: b.scores[i].clone(),
-                kept: b.kept[i].clone(),
-                classes: b.classes[i].clone(),
-                caption: b.captions[i].clone(),
-                enriched: b.enriched[i].clone(),
-            };
-            wanted.insert(b.keys[i].clone(), seen);
-        }
-    }
-    for e in it.take_dropped() {
+    let run = ShowRun::collect(&loader)?;
+    for e in &run.dropped {
         eprintln!("dropped: {e}");
     }
-    drop(it);
-    let opts = &loader.config().read;
-    'shards: for shard in loader.shards() {
-        for sample in shard.open(0, opts)? {
-            let Ok(raw) = sample else { continue };
-            let Some(s) = wanted.remove(&raw.key) else { continue };
-            let rgb = decoder.decode_rgb8(&raw.key, &raw.image, &raw.image_ext)?;
-            let crop = decoder.resize_crop_rgb8(&rgb);
-            let img = render(&Panel {
-                key: &raw.key,
-                image: &crop,
-                grid: s.grid,
-                patch: s.patch,
-                scores: &s.scores,
-                kept: &s.kept,
-                classes: &s.classes,
-                caption: s.caption.as_deref(),
-                enriched: Some(&s.enriched),
-            });
-            let path = args.out.join(png_name(&raw.key));
-            save_png(&img, &path)?;
-            println!("{}", path.display());
-            if wanted.is_empty() {
-                break 'shards;
-            }
-        }
-    }
-    if !wanted.is_empty() {
-        eprintln!("warning: {} sample(s) not found again when re-reading the shards", wanted.len());
+    let missing = run.render(&loader, |key, img| {
+        let path = args.out.join(png_name(key));
+        save_png(&img, &path)?;
+        println!("{}", path.display());
+        Ok(())
+    })?;
+    if missing > 0 {
+        eprintln!("warning: {missing} sample(s) not found again when re-reading the shards");
     }
     Ok(())
 }

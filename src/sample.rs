@@ -1,10 +1,18 @@
 //! The sample lifecycle: what an item is at each edge of the stage graph.
 //!
-//! [`RawSample`] (read from a shard) → [`Decoded`] (pixels) → `Scored` → `Pruned` (see [`crate::vision`]) →
-//! [`JuicedSample`] (kept patches, scores, classes: what the batcher sees).
+//! [`RawSample`] (read from a shard) → [`Decoded`] (pixels) → [`Scored`] (patch scores, class candidates) →
+//! [`Pruned`] (kept patch indices) → [`JuicedSample`] (kept patches, scores, classes, tokens: what the batcher
+//! sees). Each type is what one edge of the stage graph carries; the stages that produce them live in
+//! [`crate::decode`], [`crate::vision`] and [`crate::text`].
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+
+use crate::decode::patchify;
+
+/// Token context of a CLIP text encoder, `<|startoftext|>` and `<|endoftext|>` included: the length of every
+/// token row in a batch, and the budget the enrich stage fits captions into.
+pub const CONTEXT: usize = 77;
 
 /// Where a sample sits in the read order of one rank's epoch.
 ///
@@ -102,5 +110,69 @@ impl JuicedSample {
     /// Number of kept patches K.
     pub fn kept(&self) -> usize {
         self.positions.len()
+    }
+}
+
+/// A class candidate with its activation map on the patch grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    /// Class id.
+    pub id: u32,
+    /// Full-image probability.
+    pub prob: f32,
+    /// Class activation map resampled to the patch grid, row-major.
+    pub map: Vec<f32>,
+}
+
+/// A decoded sample with its patch scores.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    /// The decoded sample (pixels kept for the classifier when it still has to run).
+    pub sample: Decoded,
+    /// Patch grid.
+    pub grid: (usize, usize),
+    /// Patch side.
+    pub patch: usize,
+    /// Raw scores, row-major.
+    pub scores: Vec<f32>,
+    /// Class candidates when the scorer's forward already produced them (cam).
+    pub candidates: Option<Vec<Candidate>>,
+}
+
+/// A scored sample with its kept patch indices.
+#[derive(Debug, Clone)]
+pub struct Pruned {
+    /// The scored sample.
+    pub scored: Scored,
+    /// Kept patch indices, sorted.
+    pub kept: Vec<u32>,
+}
+
+impl Pruned {
+    /// Keeps every patch of a scored sample.
+    pub fn keep_all(scored: Scored) -> Self {
+        let kept = (0..(scored.grid.0 * scored.grid.1) as u32).collect();
+        Pruned { scored, kept }
+    }
+
+    /// The sample the batcher sees: the kept patches cut from the pixels, with `classes`; caption enrichment and
+    /// tokens are still to come.
+    pub fn into_juiced(self, classes: Vec<Class>) -> JuicedSample {
+        let Pruned { scored, kept } = self;
+        let d = scored.sample;
+        JuicedSample {
+            patches: patchify(&d.pixels, d.size, scored.patch, &kept),
+            positions: kept,
+            key: d.key,
+            grid: scored.grid,
+            patch: scored.patch,
+            scores: scored.scores,
+            classes,
+            caption: d.caption,
+            enriched: String::new(),
+            added: Vec::new(),
+            tokens: Vec::new(),
+            meta: d.meta,
+        }
     }
 }

@@ -19,6 +19,10 @@
 //! look-alikes, combining marks are dropped, anything else becomes `?`.
 //!
 //! [`save_png`] writes the picture; [`png_name`] turns a sample key into a flat file name.
+//!
+//! [`ShowRun`] is what `juicer show` draws: one epoch of a loader for the juicing results, then a second read
+//! of the shards for the crops of exactly those samples (a batch carries the kept patches, not the whole crop),
+//! each rendered as a [`Panel`].
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -26,7 +30,10 @@ use std::path::Path;
 use font8x8::{BASIC_FONTS, BLOCK_FONTS, BOX_FONTS, GREEK_FONTS, LATIN_FONTS, MISC_FONTS, UnicodeFonts};
 use image::{ImageFormat, Rgb, RgbImage};
 
-use crate::error::{Error, Result};
+use crate::batch::JuicedBatch;
+use crate::decode::Decoder;
+use crate::error::{Error, Result, SampleError};
+use crate::pipeline::Juicer;
 use crate::sample::Class;
 
 /// One sample to render: the model input and what the vision branch made of it.
@@ -221,6 +228,95 @@ pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
         Error::io(context(), io)
     })?;
     out.flush().map_err(|e| Error::io(context(), e))
+}
+
+/// What the vision and text branches made of one emitted sample, kept until its crop is read again.
+#[derive(Debug, Clone)]
+struct Seen {
+    grid: (usize, usize),
+    patch: usize,
+    scores: Vec<f32>,
+    kept: Vec<u32>,
+    classes: Vec<Class>,
+    caption: Option<String>,
+    enriched: String,
+}
+
+/// The samples of one epoch of a loader, ready to render (`juicer show`).
+#[derive(Debug)]
+pub struct ShowRun {
+    seen: std::collections::HashMap<String, Seen>,
+    /// Samples the loader dropped, in order.
+    pub dropped: Vec<SampleError>,
+}
+
+impl ShowRun {
+    /// Runs the loader's next epoch and keeps, per emitted sample, what the panels show.
+    pub fn collect(loader: &Juicer<JuicedBatch>) -> Result<Self> {
+        let mut seen = std::collections::HashMap::new();
+        let mut it = loader.iter()?;
+        for batch in it.by_ref() {
+            let b = batch?;
+            for i in 0..b.len() {
+                let s = Seen {
+                    grid: b.grid,
+                    patch: b.patch,
+                    scores: b.scores[i].clone(),
+                    kept: b.kept[i].clone(),
+                    classes: b.classes[i].clone(),
+                    caption: b.captions[i].clone(),
+                    enriched: b.enriched[i].clone(),
+                };
+                seen.insert(b.keys[i].clone(), s);
+            }
+        }
+        Ok(Self { seen, dropped: it.take_dropped() })
+    }
+
+    /// Samples collected.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when the epoch emitted nothing.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    /// Reads the loader's shards again in order and calls `each(key, picture)` for every collected sample, in
+    /// shard order. Returns how many collected samples were not found again (the shards changed in between).
+    pub fn render(
+        mut self,
+        loader: &Juicer<JuicedBatch>,
+        mut each: impl FnMut(&str, RgbImage) -> Result<()>,
+    ) -> Result<usize> {
+        let decoder = Decoder::new(loader.config().decode.clone());
+        let opts = &loader.config().read;
+        for shard in loader.shards() {
+            for sample in shard.open(0, opts)? {
+                if self.seen.is_empty() {
+                    return Ok(0);
+                }
+                let Ok(raw) = sample else { continue };
+                let Some(s) = self.seen.remove(&raw.key) else { continue };
+                let rgb = decoder.decode_rgb8(&raw.key, &raw.image, &raw.image_ext).map_err(Error::Sample)?;
+                let crop = decoder.resize_crop_rgb8(&rgb);
+                let img = render(&Panel {
+                    key: &raw.key,
+                    image: &crop,
+                    grid: s.grid,
+                    patch: s.patch,
+                    scores: &s.scores,
+                    kept: &s.kept,
+                    classes: &s.classes,
+                    caption: s.caption.as_deref(),
+                    enriched: Some(&s.enriched),
+                });
+                each(&raw.key, img)?;
+            }
+        }
+        Ok(self.seen.len())
+    }
 }
 
 /// The text lines below the tiles, before wrapping.

@@ -32,7 +32,8 @@ use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, Sa
 use burn::tensor::activation::relu6;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::{Error, Result};
+use super::safetensors;
+use crate::error::{Error, Result};
 
 /// Number of channels of the feature map returned by [`MobileNetV2::forward_features`].
 pub const FEATURE_CHANNELS: usize = 1280;
@@ -46,11 +47,9 @@ pub const INPUT_SIZE: usize = 224;
 /// Total stride of [`MobileNetV2::forward_features`]: a 224×224 input gives a 7×7 feature map.
 pub const STRIDE: usize = 32;
 
-/// Per-channel RGB mean of the ImageNet normalisation (`(x/255 - mean) / std`).
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-
-/// Per-channel RGB standard deviation of the ImageNet normalisation.
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The ImageNet normalisation (`(x/255 - mean) / std`) the pretrained weights expect; one copy, in
+/// [`crate::decode`].
+pub use crate::decode::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// The `file` reported in errors for the weights embedded by [`embedded`].
 pub const EMBEDDED_WEIGHTS_NAME: &str = "<embedded> fixtures/mobilenet_v2/mobilenet_v2.safetensors";
@@ -320,14 +319,16 @@ impl MobileNetV2 {
     /// - `features`: `[batch, 1280, height, width]` (from [`forward_features`](Self::forward_features))
     /// - output: `[batch, classes.len(), height, width]`
     ///
-    /// # Panics
-    /// If a class id is not below `num_classes`, or `features` does not have 1280 channels.
-    pub fn class_activation_maps(&self, features: Tensor<4>, classes: &[usize]) -> Tensor<4> {
+    /// # Errors
+    /// [`Error::Config`] naming the class id when one is not below `num_classes`.
+    pub fn class_activation_maps(&self, features: Tensor<4>, classes: &[usize]) -> Result<Tensor<4>> {
         let [batch, channels, height, width] = features.dims();
         let weight = self.classifier.1.weight.val(); // [1280, num_classes]
         let [_, num_classes] = weight.dims();
         if let Some(bad) = classes.iter().find(|&&c| c >= num_classes) {
-            panic!("class_activation_maps: class id {bad} is out of range (the classifier has {num_classes} classes)");
+            return Err(Error::Config(vec![format!(
+                "class_activation_maps: class id {bad} is out of range (the classifier has {num_classes} classes)"
+            )]));
         }
         let device = weight.device();
         let ids: Vec<i64> = classes.iter().map(|&c| c as i64).collect();
@@ -335,7 +336,7 @@ impl MobileNetV2 {
         let selected = weight.select(1, ids).transpose(); // [J, 1280]
         let flat: Tensor<3> = features.reshape([batch, channels, height * width]);
         let cams = selected.unsqueeze::<3>().expand([batch, classes.len(), channels]).matmul(flat);
-        cams.reshape([batch, classes.len(), height, width])
+        Ok(cams.reshape([batch, classes.len(), height, width]))
     }
 }
 
@@ -405,22 +406,8 @@ const MAX_PROBLEMS: usize = 12;
 /// names and shapes: every tensor present once, no other, shapes equal, dtype `F32`, byte ranges consistent with the
 /// shapes, contiguous and inside the file. Returns a description of every problem found.
 fn check_header(bytes: &[u8], expected: &BTreeMap<String, Vec<usize>>) -> std::result::Result<(), String> {
-    let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
-        return Err(format!(
-            "truncated or not a safetensors file: {} bytes, less than the 8-byte header length",
-            bytes.len()
-        ));
-    };
-    let header_len = u64::from_le_bytes(*len_bytes);
-    let Some(header) = usize::try_from(header_len).ok().and_then(|n| rest.get(..n)) else {
-        return Err(format!(
-            "truncated or not a safetensors file: the header claims {header_len} bytes of JSON but only {} follow",
-            rest.len()
-        ));
-    };
-    let data_len = rest.len() - header.len();
-    let entries: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(header).map_err(|e| format!("corrupt safetensors header (not a JSON object): {e}"))?;
+    let safetensors::Container { header: entries, data, .. } = safetensors::split(bytes)?;
+    let data_len = data.len();
 
     let mut problems = Vec::new();
     let mut ranges = Vec::new();
@@ -428,9 +415,12 @@ fn check_header(bytes: &[u8], expected: &BTreeMap<String, Vec<usize>>) -> std::r
         problems.push(format!("missing tensor `{name}` (expected shape {:?})", expected[name]));
     }
     for (name, entry) in entries.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
-        let Some((dtype, shape, begin, end)) = parse_entry(entry) else {
-            problems.push(format!("tensor `{name}`: corrupt header entry {entry}"));
-            continue;
+        let (dtype, shape, begin, end) = match safetensors::TensorInfo::parse(entry) {
+            Ok(t) => (t.dtype, t.shape, t.begin, t.end),
+            Err(e) => {
+                problems.push(format!("tensor `{name}`: corrupt header entry {entry} ({e})"));
+                continue;
+            }
         };
         match expected.get(name) {
             None => problems.push(format!("unexpected tensor `{name}` ({dtype} {shape:?}): not used by MobileNetV2")),
@@ -482,19 +472,4 @@ fn check_header(bytes: &[u8], expected: &BTreeMap<String, Vec<usize>>) -> std::r
         detail.push_str(&format!("; ... and {more} more problems"));
     }
     Err(detail)
-}
-
-/// `(dtype, shape, begin, end)` of one safetensors header entry, or `None` if it is malformed.
-fn parse_entry(entry: &serde_json::Value) -> Option<(&str, Vec<usize>, usize, usize)> {
-    let dtype = entry.get("dtype")?.as_str()?;
-    let shape = entry
-        .get("shape")?
-        .as_array()?
-        .iter()
-        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-        .collect::<Option<Vec<usize>>>()?;
-    let offsets = entry.get("data_offsets")?.as_array()?;
-    let [begin, end] = offsets.as_slice() else { return None };
-    let offset = |v: &serde_json::Value| v.as_u64().and_then(|v| usize::try_from(v).ok());
-    Some((dtype, shape, offset(begin)?, offset(end)?))
 }

@@ -1,7 +1,9 @@
 //! burn models: torchvision MobileNetV2 (the embedded default for the `cam` scorer and class extraction), a
 //! HuggingFace-layout ViT (the `attention` scorer) and a small trainable CLIP over juiced batches ([`clip`]: kept
 //! patches with their grid positions, CLIP tokens, contrastive loss; the `train_clip` example and the step bench).
+//! [`safetensors`] is the one reader of the weights' container framing that the models share.
 
 pub mod clip;
 pub mod mobilenet_v2;
+pub mod safetensors;
 pub mod vit;

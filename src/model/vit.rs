@@ -29,12 +29,12 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use burn::tensor::{Device, Tensor, TensorData, bf16, f16};
 use serde_json::Value;
 
+use super::safetensors;
 use crate::error::{Error, Result};
 
-/// OpenAI CLIP's normalisation mean (`OPENAI_CLIP_MEAN` in transformers).
-pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-/// OpenAI CLIP's normalisation standard deviation (`OPENAI_CLIP_STD` in transformers).
-pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+/// OpenAI CLIP's normalisation (`OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD` in transformers); one copy, in
+/// [`crate::decode`].
+pub use crate::decode::{CLIP_MEAN, CLIP_STD};
 /// `ViTImageProcessor`'s default mean and standard deviation (`IMAGENET_STANDARD_MEAN` / `_STD`).
 pub const VIT_MEAN_STD: [f32; 3] = [0.5, 0.5, 0.5];
 
@@ -419,16 +419,6 @@ struct Entry {
     end: usize,
 }
 
-fn dtype_size(dtype: &str) -> Option<usize> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
-        "U16" | "I16" | "F16" | "BF16" => 2,
-        "U32" | "I32" | "F32" => 4,
-        "U64" | "I64" | "F64" => 8,
-        _ => return None,
-    })
-}
-
 impl SafeTensors {
     /// Reads and validates the container: header, offsets and sizes of every tensor (not their dtypes, which
     /// only matter for the tensors the model uses).
@@ -436,35 +426,15 @@ impl SafeTensors {
         let file = path.display().to_string();
         let bad = |detail: String| Error::Weights { file: file.clone(), detail };
         let bytes = fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-        let Some(len_bytes) = bytes.get(..8) else {
-            return Err(bad(format!("file is truncated: {} bytes, not even the 8-byte header length", bytes.len())));
-        };
-        let mut len = [0u8; 8];
-        len.copy_from_slice(len_bytes);
-        let header_len = u64::from_le_bytes(len);
-        let data_start = usize::try_from(header_len)
-            .ok()
-            .and_then(|h| h.checked_add(8))
-            .filter(|end| *end <= bytes.len())
-            .ok_or_else(|| {
-                bad(format!(
-                    "file is truncated or not safetensors: header of {header_len} bytes announced, file has {} bytes",
-                    bytes.len()
-                ))
-            })?;
-        let header: Value = serde_json::from_slice(&bytes[8..data_start])
-            .map_err(|e| bad(format!("safetensors header is not valid JSON: {e}")))?;
-        let Some(header) = header.as_object() else {
-            return Err(bad("safetensors header is not a JSON object".into()));
-        };
-        let data_len = bytes.len() - data_start;
+        let safetensors::Container { header, data, data_start } = safetensors::split(&bytes).map_err(bad)?;
+        let data_len = data.len();
         let prefix = match layout {
             Layout::Clip => "vision_model.",
             Layout::Vit => "vit.",
         };
         let mut entries = BTreeMap::new();
         let mut problems = Vec::new();
-        for (key, info) in header {
+        for (key, info) in &header {
             if key == "__metadata__" {
                 continue;
             }
@@ -488,33 +458,19 @@ impl SafeTensors {
     }
 
     fn parse_entry(key: &str, info: &Value) -> std::result::Result<Entry, String> {
-        let dtype = info.get("dtype").and_then(Value::as_str).ok_or("no dtype in the header")?.to_string();
-        let shape = info
-            .get("shape")
-            .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
-            })
-            .ok_or("no valid shape in the header")?;
-        let offsets = info
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .and_then(|a| {
-                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
-            })
-            .filter(|o| o.len() == 2 && o[0] <= o[1])
-            .ok_or("no valid data_offsets in the header")?;
-        let numel = shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).ok_or("shape overflows")?;
-        if let Some(size) = dtype_size(&dtype)
-            && numel.checked_mul(size) != Some(offsets[1] - offsets[0])
+        let t = safetensors::TensorInfo::parse(info)?;
+        if let Some(size) = safetensors::dtype_size(&t.dtype)
+            && t.numel().checked_mul(size) != Some(t.end - t.begin)
         {
             return Err(format!(
-                "{} data bytes for shape {shape:?} of {dtype} ({} expected)",
-                offsets[1] - offsets[0],
-                numel.saturating_mul(size)
+                "{} data bytes for shape {:?} of {} ({} expected)",
+                t.end - t.begin,
+                t.shape,
+                t.dtype,
+                t.numel().saturating_mul(size)
             ));
         }
-        Ok(Entry { key: key.to_string(), dtype, shape, begin: offsets[0], end: offsets[1] })
+        Ok(Entry { key: key.to_string(), dtype: t.dtype, shape: t.shape, begin: t.begin, end: t.end })
     }
 
     /// Tensors of other parts of a checkpoint that this model never uses.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::tar::is_image_ext;
-use crate::error::{DropReason, Error, SampleError};
+use crate::error::{DropReason, Error, Result, SampleError};
 use crate::sample::RawSample;
 
 /// One line of a captions JSONL.
@@ -62,7 +62,7 @@ impl FolderShard {
 
 /// Parses a captions JSONL and splits it into shards of `shard_size` entries. Errors name `spec` and, for a bad
 /// line, its line number.
-pub(crate) fn load_folder(spec: &str, jsonl: &Path, shard_size: usize) -> crate::Result<Vec<FolderShard>> {
+pub(crate) fn load_folder(spec: &str, jsonl: &Path, shard_size: usize) -> Result<Vec<FolderShard>> {
     let spec_err = |detail: String| Error::ShardSpec { spec: spec.to_string(), detail };
     if shard_size == 0 {
         return Err(spec_err("folder shard size must be at least 1".into()));

@@ -24,7 +24,7 @@ pub use spec::{CAPTIONS_FILE, expand_braces, resolve};
 use self::folder::FolderReader;
 use self::http::HttpReader;
 use self::tar::{LocalMedium, Medium, StreamMedium, TarSamples};
-use crate::error::{Error, SampleError};
+use crate::error::{Error, Result, SampleError};
 use crate::sample::RawSample;
 
 /// Buffer between an HTTP body and the tar reader.
@@ -69,7 +69,7 @@ impl Shard {
     }
 
     /// Opens the byte stream of a tar shard.
-    fn open_medium(path: &str, opts: &ReadOptions) -> crate::Result<Box<dyn Medium>> {
+    fn open_medium(path: &str, opts: &ReadOptions) -> Result<Box<dyn Medium>> {
         let shard_err = |source| Error::Shard { shard: path.to_string(), source };
         if spec::is_url(path) {
             let reader = HttpReader::open(path, opts).map_err(shard_err)?;
@@ -85,7 +85,7 @@ impl Shard {
     /// The first `skip` samples are skipped without reading their member data where the medium allows (local
     /// tar: seek; HTTP: read and discard; folder: index). Open failure (missing file, HTTP 4xx, refused
     /// connection after retries) -> [`Error::Shard`].
-    pub fn open(&self, skip: usize, opts: &ReadOptions) -> crate::Result<ShardReader> {
+    pub fn open(&self, skip: usize, opts: &ReadOptions) -> Result<ShardReader> {
         let inner = match self {
             Shard::Tar(path) => {
                 let medium = Self::open_medium(path, opts)?;
@@ -98,7 +98,7 @@ impl Shard {
 
     /// Number of samples (items [`Shard::open`] yields with `skip = 0`), reading tar headers only (data is
     /// sought over locally, read and discarded over HTTP).
-    pub fn count_samples(&self, opts: &ReadOptions) -> crate::Result<usize> {
+    pub fn count_samples(&self, opts: &ReadOptions) -> Result<usize> {
         match self {
             Shard::Tar(path) => Ok(TarSamples::count(Self::open_medium(path, opts)?, path.clone())),
             Shard::Folder(folder) => Ok(folder.len()),

@@ -10,7 +10,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::tar::split_member_path;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Size of the end-of-archive marker (two zero blocks).
 const TRAILER: u64 = 1024;
@@ -37,7 +37,7 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// Creates `out_dir` if needed and prepares to write `{prefix}-000000.tar` and on. `max_count` must be at
     /// least 1; `max_size` counts the whole tar file (headers, padding and end marker).
-    pub fn new(out_dir: impl AsRef<Path>, prefix: &str, max_count: usize, max_size: u64) -> crate::Result<Self> {
+    pub fn new(out_dir: impl AsRef<Path>, prefix: &str, max_count: usize, max_size: u64) -> Result<Self> {
         if max_count == 0 {
             return Err(Error::Config(vec!["shard writer: max_count must be at least 1".into()]));
         }
@@ -50,7 +50,7 @@ impl ShardWriter {
     }
 
     /// Serialises one sample's members as tar entries (no end marker).
-    fn encode(key: &str, members: &[(&str, &[u8])]) -> crate::Result<Vec<u8>> {
+    fn encode(key: &str, members: &[(&str, &[u8])]) -> Result<Vec<u8>> {
         let invalid = |detail: String| Error::io(format!("writing sample `{key}`"), io::Error::other(detail));
         if members.is_empty() {
             return Err(invalid("a sample needs at least one member".into()));
@@ -82,7 +82,7 @@ impl ShardWriter {
 
     /// Appends one sample: `members` are `(extension, data)` pairs written as `{key}.{extension}` in the given
     /// order. The key must not contain a dot in its file part nor start it with a dot (it would not read back).
-    pub fn write(&mut self, key: &str, members: &[(&str, &[u8])]) -> crate::Result<()> {
+    pub fn write(&mut self, key: &str, members: &[(&str, &[u8])]) -> Result<()> {
         let bytes = Self::encode(key, members)?;
         let len = bytes.len() as u64;
         let full = self.current.as_ref().is_some_and(|s| {
@@ -105,7 +105,7 @@ impl ShardWriter {
     }
 
     /// Writes the end marker of the current shard and closes it.
-    fn close_current(&mut self) -> crate::Result<()> {
+    fn close_current(&mut self) -> Result<()> {
         if let Some(mut shard) = self.current.take() {
             let context = format!("writing `{}`", shard.path.display());
             shard.out.write_all(&[0u8; TRAILER as usize]).map_err(|e| Error::io(context.clone(), e))?;
@@ -117,7 +117,7 @@ impl ShardWriter {
     }
 
     /// Closes the last shard and returns the paths of every shard written, in order.
-    pub fn finish(mut self) -> crate::Result<Vec<PathBuf>> {
+    pub fn finish(mut self) -> Result<Vec<PathBuf>> {
         self.close_current()?;
         Ok(std::mem::take(&mut self.written))
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::Shard;
 use super::folder::load_folder;
-use crate::error::Error;
+use crate::error::{Error, Result};
 
 /// Most names one spec may expand to (guards against `{0..999999999}` by mistake).
 const MAX_EXPANSION: usize = 1_000_000;
@@ -22,7 +22,7 @@ fn spec_error(spec: &str, detail: impl Into<String>) -> Error {
 }
 
 /// Expands the braces of `spec` (see the module docs); a spec without braces expands to itself.
-pub fn expand_braces(spec: &str) -> crate::Result<Vec<String>> {
+pub fn expand_braces(spec: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     expand_into(spec, spec, &mut out)?;
     Ok(out)
@@ -67,7 +67,7 @@ fn split_top_level(body: &str) -> Vec<&str> {
 }
 
 /// The alternatives of one brace body: a list or a numeric range.
-fn alternatives(spec: &str, body: &str) -> crate::Result<Vec<String>> {
+fn alternatives(spec: &str, body: &str) -> Result<Vec<String>> {
     let parts = split_top_level(body);
     if parts.len() > 1 {
         return Ok(parts.into_iter().map(str::to_string).collect());
@@ -93,7 +93,7 @@ fn alternatives(spec: &str, body: &str) -> crate::Result<Vec<String>> {
 }
 
 /// Expands `s` (a suffix of the original `spec`) and appends the results to `out`.
-fn expand_into(spec: &str, s: &str, out: &mut Vec<String>) -> crate::Result<()> {
+fn expand_into(spec: &str, s: &str, out: &mut Vec<String>) -> Result<()> {
     let Some(open) = s.find('{') else {
         if s.contains('}') {
             return Err(spec_error(spec, "unbalanced `}`"));
@@ -127,7 +127,7 @@ pub(crate) fn is_url(spec: &str) -> bool {
 
 /// Turns one existing local path into shards: a tar file, a `.jsonl` captions file, or a directory with a
 /// `captions.jsonl`.
-fn local_shards(spec: &str, path: &Path, folder_shard_size: usize, out: &mut Vec<Shard>) -> crate::Result<()> {
+fn local_shards(spec: &str, path: &Path, folder_shard_size: usize, out: &mut Vec<Shard>) -> Result<()> {
     if path.is_dir() {
         let jsonl = path.join(CAPTIONS_FILE);
         if !jsonl.is_file() {
@@ -155,7 +155,7 @@ fn local_shards(spec: &str, path: &Path, folder_shard_size: usize, out: &mut Vec
 ///
 /// Errors: a spec that matches nothing, a missing local file, a bad brace, a malformed JSONL line ->
 /// [`Error::ShardSpec`] naming the spec.
-pub fn resolve(specs: &[String], folder_shard_size: usize) -> crate::Result<Vec<Shard>> {
+pub fn resolve(specs: &[String], folder_shard_size: usize) -> Result<Vec<Shard>> {
     let mut shards = Vec::new();
     for spec in specs {
         let before = shards.len();

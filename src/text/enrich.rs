@@ -12,7 +12,7 @@
 //! 2. **Dedupe.** Classes are taken in the order given (the extract stage's order, most probable first),
 //!    skipping a class whose id or whose (trimmed, lowercased) name came earlier, and classes with a blank name.
 //! 3. **Already mentioned.** A class is dropped when the caption already mentions it: when any of its synonyms
-//!    (its name, plus every synonym of its label in the synonym table: the ImageNet label split on `,` by
+//!    (its name, plus every synonym of the class in the loader's [`Vocabulary`]: the ImageNet labels by
 //!    default) appears in the caption as whole words, case-insensitively (Unicode lowercase). Words are runs
 //!    of alphanumeric characters (combining marks included); everything else separates words, so "cat" is
 //!    found in "the cat's toy" and "Cats!" but not in "category", "bobcat" or "catfish". A multi-word synonym
@@ -59,9 +59,9 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::model::mobilenet_v2::imagenet_classes;
 use crate::rng::{SplitMix64, derive, hash_str};
 use crate::sample::Class;
+use crate::vision::Vocabulary;
 
 /// The caption placeholder in templates.
 const CAPTION: &str = "{caption}";
@@ -92,7 +92,7 @@ impl Default for EnrichConfig {
             template: "{caption}, with {classes}".into(),
             empty_template: "a photo of {classes}".into(),
             mix: 1.0,
-            context: 77,
+            context: crate::sample::CONTEXT,
         }
     }
 }
@@ -139,12 +139,13 @@ pub struct Enriched {
     pub truncated_classes: usize,
 }
 
-/// The enrich stage's logic: settings, the synonym table and the seed of the `mix` draw.
+/// The enrich stage's logic: settings, the vocabulary whose synonyms decide what a caption already mentions,
+/// and the seed of the `mix` draw.
 #[derive(Debug, Clone)]
 pub struct Enricher {
     config: EnrichConfig,
-    /// Synonyms per class id (the ImageNet labels split on `,` by default).
-    synonyms: Vec<Vec<String>>,
+    /// Synonyms per class id (the ImageNet labels by default; the loader hands over its own vocabulary).
+    vocabulary: Vocabulary,
     seed: u64,
 }
 
@@ -155,14 +156,20 @@ impl Enricher {
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        let synonyms = imagenet_classes().iter().map(|label| split_label(label)).collect();
-        Ok(Self { config, synonyms, seed })
+        Ok(Self { config, vocabulary: Vocabulary::imagenet(), seed })
     }
 
     /// Replaces the synonym table (index: class id) for a custom vocabulary. A class's own name always counts
     /// as a synonym; ids past the table's end have no other synonyms.
     pub fn with_synonyms(mut self, synonyms: Vec<Vec<String>>) -> Self {
-        self.synonyms = synonyms;
+        self.vocabulary = Vocabulary::from_table(synonyms);
+        self
+    }
+
+    /// Takes the synonyms from `vocabulary`: the one the extract stage names classes with, so that a restricted
+    /// or renamed vocabulary decides mentions too.
+    pub fn with_vocabulary(mut self, vocabulary: Vocabulary) -> Self {
+        self.vocabulary = vocabulary;
         self
     }
 
@@ -173,7 +180,7 @@ impl Enricher {
 
     /// The synonyms of class `id` in the table (empty for an unknown id).
     pub fn synonyms(&self, id: u32) -> &[String] {
-        self.synonyms.get(id as usize).map_or(&[], Vec::as_slice)
+        self.vocabulary.synonyms(id)
     }
 
     /// Whether the `mix` draw for (epoch, key) chooses the enriched text.
@@ -297,11 +304,6 @@ impl Enricher {
 /// An enriched outcome.
 fn enriched(text: String, added: Vec<Class>, truncated_classes: usize) -> Enriched {
     Enriched { text, added, mixed: true, truncated_classes }
-}
-
-/// Synonyms of an ImageNet label ("tabby, tabby cat" → ["tabby", "tabby cat"]).
-fn split_label(label: &str) -> Vec<String> {
-    label.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
 /// The classes in order, without blank names and without a repeated id or (lowercased, trimmed) name.
@@ -564,10 +566,9 @@ mod tests {
     #[test]
     fn imagenet_synonym_table() {
         let e = enricher(1.0, 77);
-        assert_eq!(e.synonyms.len(), 1000);
+        assert_eq!(e.synonyms(999), ["toilet tissue"]);
         assert_eq!(e.synonyms(388), ["giant panda"]);
         assert!(e.synonyms(5000).is_empty());
-        assert_eq!(split_label("tabby, tabby cat"), ["tabby", "tabby cat"]);
         // A class is mentioned through its ImageNet label even when renamed by a vocabulary.
         let out = e.enrich("k", 0, Some("a giant panda eating"), &[class(388, "panda bear")], &ws);
         assert_eq!(out.text, "a giant panda eating");

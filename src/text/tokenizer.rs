@@ -83,10 +83,10 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::utils::SysRegex;
 use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
-/// CLIP's context length: start token, at most 75 content tokens, end token.
-pub const CONTEXT: usize = 77;
+/// CLIP's context length: start token, at most 75 content tokens, end token (one copy, in [`crate::sample`]).
+pub use crate::sample::CONTEXT;
 /// Id of `<|startoftext|>` (open_clip: `<start_of_text>`).
 pub const SOT: u32 = 49406;
 /// Id of `<|endoftext|>` (open_clip: `<end_of_text>`).

@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use super::{BatchStage, Candidate, Scored};
 use crate::decode::grid;
 use crate::error::{Error, Result, SampleError};
 use crate::rng::{derive, hash_str, mix64};
-use crate::sample::Decoded;
+use crate::sample::{Candidate, Decoded, Scored};
+use crate::stage::BatchStage;
 
 const MAGIC: &[u8; 4] = b"JSC1";
 

@@ -7,8 +7,14 @@
 //! - [`KeepPolicy::Threshold`]: patches whose min-max normalised score is at least `t` (all patches when every
 //!   score is equal).
 //! - [`KeepPolicy::Mass`]: the smallest top set whose softmax probabilities sum to at least `m`.
+//!
+//! [`PruneStage`] is the graph's `prune` stage: [`PruneConfig::keep`] applied to each [`Scored`] sample.
 
 use serde::{Deserialize, Serialize};
+
+use crate::error::SampleError;
+use crate::sample::{Pruned, Scored};
+use crate::stage::Stage;
 
 /// How many patches to keep.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -115,6 +121,23 @@ impl PruneConfig {
         let mut kept = order[..count].to_vec();
         kept.sort_unstable();
         kept
+    }
+}
+
+/// The `prune` stage: applies the keep policy to each scored sample (per item, on the decode pool).
+pub struct PruneStage(pub PruneConfig);
+
+impl Stage for PruneStage {
+    type In = Scored;
+    type Out = Pruned;
+
+    fn name(&self) -> &'static str {
+        "prune"
+    }
+
+    fn process(&self, scored: Scored) -> std::result::Result<Pruned, SampleError> {
+        let kept = self.0.keep(&scored.scores);
+        Ok(Pruned { scored, kept })
     }
 }
 

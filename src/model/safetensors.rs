@@ -1,0 +1,135 @@
+//! The safetensors container, read by hand before any tensor reaches burn: the 8-byte little-endian header
+//! length, the JSON header, the data section. One reader for every model, so that a truncated or corrupt file
+//! is described the same way whichever model it was meant for.
+//!
+//! [`split`] checks the framing (length prefix inside the file, header a JSON object) and [`TensorInfo::parse`]
+//! one header entry (dtype, shape, data offsets, no overflow). What the tensors must be (names, shapes, dtypes,
+//! contiguity) is each model's own check, made with these pieces.
+
+use serde_json::{Map, Value};
+
+/// A safetensors file split into its parsed header and its data section.
+#[derive(Debug)]
+pub struct Container<'a> {
+    /// Header entries by key, in file order (`__metadata__` included when present).
+    pub header: Map<String, Value>,
+    /// The bytes after the header; entry offsets index into it.
+    pub data: &'a [u8],
+    /// Offset of `data` in the file (8 + header length).
+    pub data_start: usize,
+}
+
+/// Splits `bytes` into header and data. The error says what is wrong with the framing.
+pub fn split(bytes: &[u8]) -> std::result::Result<Container<'_>, String> {
+    let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(format!(
+            "truncated or not a safetensors file: {} bytes, less than the 8-byte header length",
+            bytes.len()
+        ));
+    };
+    let header_len = u64::from_le_bytes(*len_bytes);
+    let Some((header, data)) = usize::try_from(header_len).ok().and_then(|n| rest.split_at_checked(n)) else {
+        return Err(format!(
+            "truncated or not a safetensors file: the header claims {header_len} bytes of JSON but only {} follow",
+            rest.len()
+        ));
+    };
+    let header: Map<String, Value> =
+        serde_json::from_slice(header).map_err(|e| format!("corrupt safetensors header (not a JSON object): {e}"))?;
+    Ok(Container { header, data, data_start: bytes.len() - data.len() })
+}
+
+/// One tensor's header entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// safetensors dtype name (`F32`, `F16`, `BF16`, ...).
+    pub dtype: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// First byte in the data section.
+    pub begin: usize,
+    /// One past the last byte in the data section (`begin <= end`).
+    pub end: usize,
+}
+
+impl TensorInfo {
+    /// Parses one header entry; the error names the field that is missing or malformed.
+    pub fn parse(entry: &Value) -> std::result::Result<Self, String> {
+        let dims = |v: Option<&Value>| {
+            v.and_then(Value::as_array).and_then(|a| {
+                a.iter().map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok())).collect::<Option<Vec<_>>>()
+            })
+        };
+        let dtype = entry.get("dtype").and_then(Value::as_str).ok_or("no dtype in the header")?.to_string();
+        let shape = dims(entry.get("shape")).ok_or("no valid shape in the header")?;
+        let offsets = dims(entry.get("data_offsets"))
+            .filter(|o| o.len() == 2 && o[0] <= o[1])
+            .ok_or("no valid data_offsets in the header")?;
+        if shape.iter().try_fold(1usize, |acc, d| acc.checked_mul(*d)).is_none() {
+            return Err(format!("shape {shape:?} overflows"));
+        }
+        Ok(Self { dtype, shape, begin: offsets[0], end: offsets[1] })
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Bytes per element of a safetensors dtype, `None` for an unknown one.
+pub fn dtype_size(dtype: &str) -> Option<usize> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" => 8,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn file(header: &Value, data: &[u8]) -> Vec<u8> {
+        let h = serde_json::to_vec(header).unwrap();
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend(h);
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn splits_header_and_data() {
+        let bytes = file(&json!({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}), &[0; 8]);
+        let c = split(&bytes).unwrap();
+        assert_eq!((c.data.len(), c.data_start), (8, bytes.len() - 8));
+        let info = TensorInfo::parse(&c.header["w"]).unwrap();
+        assert_eq!(info, TensorInfo { dtype: "F32".into(), shape: vec![2], begin: 0, end: 8 });
+        assert_eq!(info.numel() * dtype_size(&info.dtype).unwrap(), 8);
+    }
+
+    #[test]
+    fn bad_framing_and_entries_are_described() {
+        assert!(split(&[1, 2, 3]).unwrap_err().contains("less than the 8-byte header length"));
+        let mut long = 1000u64.to_le_bytes().to_vec();
+        long.extend(b"{}");
+        assert!(split(&long).unwrap_err().contains("claims 1000 bytes of JSON but only 2 follow"));
+        let mut not_json = 2u64.to_le_bytes().to_vec();
+        not_json.extend(b"[]");
+        assert!(split(&not_json).unwrap_err().contains("corrupt safetensors header"));
+        let mut huge = u64::MAX.to_le_bytes().to_vec();
+        huge.extend(b"{}");
+        assert!(split(&huge).unwrap_err().contains("truncated"));
+        for (entry, want) in [
+            (json!({"shape": [1], "data_offsets": [0, 4]}), "no dtype"),
+            (json!({"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}), "no valid shape"),
+            (json!({"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}), "no valid data_offsets"),
+            (json!({"dtype": "F32", "shape": [u64::MAX, 4], "data_offsets": [0, 4]}), "overflows"),
+        ] {
+            assert!(TensorInfo::parse(&entry).unwrap_err().contains(want), "{entry}");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! [`JuicerBuilder`]: sources plus configuration verbs (as burn's `DataLoaderBuilder`), and the build step that
+//! resolves the shards and the world, validates everything, and loads the models once.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn::data::dataloader::batcher::Batcher;
+
+use super::models::Models;
+use super::{Config, Juicer, LastStage, Next, Shared};
+use crate::batch::{JuicedBatch, JuicedBatcher};
+use crate::device::DeviceSpec;
+use crate::error::{Error, OnError, Result};
+use crate::plan::{EpochSize, World};
+use crate::rng::{derive, hash_str};
+use crate::sample::JuicedSample;
+use crate::source::{ReadOptions, Shard, resolve};
+use crate::vision::ScorerSpec;
+use crate::vision::cache::ScoreCacheConfig;
+use crate::vision::prune::{KeepPolicy, PruneConfig};
+
+/// Builder of a [`Juicer`]: sources plus configuration verbs, as burn's `DataLoaderBuilder`.
+#[derive(Debug, Clone)]
+pub struct JuicerBuilder {
+    sources: Vec<String>,
+    config: Config,
+    rank: Option<usize>,
+    world_size: Option<usize>,
+}
+
+macro_rules! verb {
+    ($(#[$doc:meta])* $name:ident: $ty:ty => $($field:ident).+) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$($field).+ = value;
+            self
+        }
+    };
+}
+
+impl JuicerBuilder {
+    /// Starts a builder over shard specifications (paths, globs, brace ranges, URLs, folder + JSONL).
+    pub fn new<S: Into<String>>(sources: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            sources: sources.into_iter().map(Into::into).collect(),
+            config: Config::default(),
+            rank: None,
+            world_size: None,
+        }
+    }
+
+    /// Replaces the whole configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    verb!(/// Samples per batch.
+        batch_size: usize => batch_size);
+    verb!(/// Seed of every random choice.
+        seed: u64 => seed);
+    verb!(/// Slots per graph edge.
+        capacity: usize => capacity);
+    verb!(/// Shard prefetch workers.
+        reader_workers: usize => reader_workers);
+    verb!(/// Decode workers.
+        decode_workers: usize => decode_workers);
+    verb!(/// Shuffle buffer capacity (0 keeps the read order).
+        shuffle_buffer: usize => shuffle_buffer);
+    verb!(/// Shuffle shard order per epoch.
+        shuffle_shards: bool => shuffle_shards);
+    verb!(/// Epoch length policy.
+        epoch_size: EpochSize => epoch_size);
+    verb!(/// Bad-sample policy.
+        on_error: OnError => on_error);
+    verb!(/// Model input side (resize + centre crop).
+        image_size: usize => decode.image_size);
+    verb!(/// Patch side in pixels.
+        patch_size: usize => patch_size);
+    verb!(/// Device for the batches.
+        device: DeviceSpec => device);
+    verb!(/// Shard reading options.
+        read_options: ReadOptions => read);
+    verb!(/// Saliency scorer.
+        scorer: ScorerSpec => vision.scorer);
+    verb!(/// Keep policy and bounds.
+        prune: PruneConfig => vision.prune);
+    verb!(/// Candidate classes per image.
+        top_k: usize => vision.top_k);
+    verb!(/// Minimum class probability.
+        min_prob: f32 => vision.min_prob);
+    verb!(/// Items per model micro-batch.
+        micro_batch: usize => vision.micro_batch);
+    verb!(/// Model threads (model replicas) per model stage.
+        model_workers: usize => vision.model_workers);
+    verb!(/// Caption template with `{caption}` and `{classes}`.
+        template: String => text.template);
+    verb!(/// Probability of training on the enriched caption rather than the original.
+        mix: f32 => text.mix);
+    verb!(/// Runs only the stages up to this one (benchmarks).
+        last_stage: LastStage => last_stage);
+
+    /// Caches the scorer's outputs on disk (bounded) so that later epochs, and later runs over the same data
+    /// with the same scorer and weights, skip the scoring model.
+    pub fn score_cache(mut self, cache: ScoreCacheConfig) -> Self {
+        self.config.vision.score_cache = Some(cache);
+        self
+    }
+
+    /// Keeps this fraction of the patches (the `ratio` policy).
+    pub fn keep_ratio(mut self, ratio: f32) -> Self {
+        self.config.vision.prune.policy = KeepPolicy::Ratio(ratio);
+        self
+    }
+
+    /// MobileNetV2 weights (safetensors, torchvision names) instead of the embedded ones.
+    pub fn classifier_weights(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.vision.classifier_weights = Some(path.into());
+        self
+    }
+
+    /// A JSON vocabulary `{"<class id>": "<name>"}` restricting and renaming the extracted classes.
+    pub fn vocabulary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.config.vision.vocabulary = Some(path.into());
+        self
+    }
+
+    /// Stops each epoch after `n` samples.
+    pub fn limit(mut self, n: u64) -> Self {
+        self.config.limit = Some(n);
+        self
+    }
+
+    /// Sets the rank explicitly (else `RANK`, then `SLURM_PROCID`).
+    pub fn rank(mut self, rank: usize) -> Self {
+        self.rank = Some(rank);
+        self
+    }
+
+    /// Sets the world size explicitly (else `WORLD_SIZE`, then `SLURM_NTASKS`).
+    pub fn world_size(mut self, world_size: usize) -> Self {
+        self.world_size = Some(world_size);
+        self
+    }
+
+    /// Builds a loader producing [`JuicedBatch`]es with the default [`JuicedBatcher`].
+    pub fn build(self) -> Result<Juicer<JuicedBatch>> {
+        self.build_with(JuicedBatcher::default())
+    }
+
+    /// Builds a loader whose batches come from the user's burn `Batcher`.
+    pub fn build_with<O, B>(self, batcher: B) -> Result<Juicer<O>>
+    where
+        B: Batcher<JuicedSample, O> + 'static,
+        O: Send + 'static,
+    {
+        let mut problems = self.config.problems();
+        if self.sources.is_empty() {
+            problems.push("no sources given".into());
+        }
+        let world = match World::resolve(self.rank, self.world_size) {
+            Ok(w) => Some(w),
+            Err(Error::Config(p)) => {
+                problems.extend(p);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        if !problems.is_empty() {
+            return Err(Error::Config(problems));
+        }
+        let world = world.unwrap_or_default();
+        let shards: Arc<[Shard]> = resolve(&self.sources, self.config.folder_shard_size)?.into();
+        if shards.len() < world.world_size {
+            return Err(Error::Config(vec![format!(
+                "{} shard(s) cannot be split across {} ranks: every rank needs at least one shard",
+                shards.len(),
+                world.world_size
+            )]));
+        }
+        let fingerprint =
+            format!("{:016x}", shards.iter().fold(hash_str(""), |h, s| derive(h, &[hash_str(&s.name())])));
+        let device = self.config.device.resolve()?;
+        let mut config = self.config;
+        let models = Models::load(&mut config, &device)?;
+        Ok(Juicer {
+            shared: Arc::new(Shared { shards, config, world, fingerprint, counts: OnceLock::new(), models }),
+            batcher: Arc::new(batcher),
+            device,
+            next: Arc::new(Mutex::new(Next::Epoch(0))),
+        })
+    }
+}
+
+impl JuicedBatch {
+    /// Starts a [`JuicerBuilder`].
+    pub fn builder<S: Into<String>>(sources: impl IntoIterator<Item = S>) -> JuicerBuilder {
+        JuicerBuilder::new(sources)
+    }
+}

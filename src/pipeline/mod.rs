@@ -1,0 +1,399 @@
+//! The public face of the library: [`JuicerBuilder`] → [`Juicer`], consumed as a blocking iterator
+//! ([`Juicer::iter`]), an async `Stream` ([`Juicer::stream`]) or through burn's `DataLoader` trait.
+//!
+//! A [`Juicer`] is the loader for a whole training run; each `iter()`/`stream()` call runs one epoch (the
+//! next one, or the one a loaded [`LoaderState`] points into) on a fresh stage graph that lives exactly as
+//! long as the returned iterator or stream.
+//!
+//! One concern per file:
+//! - this file: [`Juicer`] (shards, epochs, resume) and [`JuicerIter`] (one epoch in progress);
+//! - [`config`]: [`Config`] and [`LastStage`];
+//! - [`builder`]: [`JuicerBuilder`];
+//! - `models`: model loading at build time and the score cache's namespace;
+//! - `topology`: the stage graph of one epoch, wired in diagram order;
+//! - `sink`: the ordered sink ([`BatchSink`](sink) accounting, checkpoint mirror, batching) and [`Summary`];
+//! - `loader`: burn's `DataLoader` trait.
+
+mod builder;
+mod config;
+mod loader;
+mod models;
+mod sink;
+mod topology;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::tensor::Device;
+use futures::Stream;
+
+pub use builder::JuicerBuilder;
+pub use config::{Config, LastStage};
+use models::Models;
+use sink::Output;
+pub use sink::Summary;
+use topology::EpochSetup;
+
+use crate::error::{Error, Result, SampleError};
+use crate::graph::{Run, StageSnapshot};
+use crate::plan::{LoaderState, ShardPlan, World};
+use crate::sample::JuicedSample;
+use crate::source::Shard;
+use crate::vision::cache::ScoreCache;
+
+#[derive(Debug)]
+struct Shared {
+    shards: Arc<[Shard]>,
+    config: Config,
+    world: World,
+    fingerprint: String,
+    counts: OnceLock<std::result::Result<Vec<usize>, String>>,
+    models: Models,
+}
+
+#[derive(Debug, Clone)]
+enum Next {
+    Epoch(u64),
+    Resume(Box<LoaderState>),
+}
+
+/// The loader. Cheap to clone handles share the sources and the epoch counter.
+pub struct Juicer<O> {
+    shared: Arc<Shared>,
+    batcher: Arc<dyn Batcher<JuicedSample, O>>,
+    device: Device,
+    next: Arc<Mutex<Next>>,
+}
+
+impl<O> Clone for Juicer<O> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            batcher: self.batcher.clone(),
+            device: self.device.clone(),
+            next: self.next.clone(),
+        }
+    }
+}
+
+impl<O> std::fmt::Debug for Juicer<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Juicer").field("shared", &self.shared).field("device", &self.device).finish()
+    }
+}
+
+impl<O: Send + 'static> Juicer<O> {
+    /// The resolved shard list.
+    pub fn shards(&self) -> &[Shard] {
+        &self.shared.shards
+    }
+
+    /// This process's rank and world size.
+    pub fn world(&self) -> World {
+        self.shared.world
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The device batches are created on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Sample count of every shard (header-only scan, done once and cached).
+    pub fn shard_counts(&self) -> Result<Vec<usize>> {
+        self.shared
+            .counts
+            .get_or_init(|| {
+                self.shared
+                    .shards
+                    .iter()
+                    .map(|s| s.count_samples(&self.shared.config.read))
+                    .collect::<Result<Vec<_>>>()
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| Error::Config(vec![format!("counting samples per shard: {e}")]))
+    }
+
+    /// Batches every rank yields in `epoch` when ranks are kept equal (`None`: each rank reads its shards once).
+    fn target_batches(&self, counts: &[usize], epoch: u64) -> Option<u64> {
+        let cfg = &self.shared.config;
+        let w = self.shared.world;
+        ShardPlan::target_batches(
+            cfg.epoch_size,
+            counts,
+            cfg.seed,
+            epoch,
+            w.world_size,
+            cfg.shuffle_shards,
+            cfg.batch_size,
+        )
+    }
+
+    /// Samples in this rank's shards in `epoch`.
+    fn rank_samples(&self, counts: &[usize], epoch: u64) -> u64 {
+        let cfg = &self.shared.config;
+        let w = self.shared.world;
+        ShardPlan::rank_sets(counts.len(), cfg.seed, epoch, w.world_size, cfg.shuffle_shards)[w.rank]
+            .iter()
+            .map(|&s| counts[s] as u64)
+            .sum()
+    }
+
+    /// Samples this rank reads in `epoch` (from the shard counts and the epoch policy).
+    pub fn epoch_samples(&self, epoch: u64) -> Result<u64> {
+        let cfg = &self.shared.config;
+        let counts = self.shard_counts()?;
+        let n = match self.target_batches(&counts, epoch) {
+            Some(b) => b * cfg.batch_size as u64,
+            None => self.rank_samples(&counts, epoch),
+        };
+        let n = match cfg.range {
+            Some((a, b)) => n.min(b).saturating_sub(a),
+            None => n,
+        };
+        Ok(cfg.limit.map_or(n, |l| n.min(l)))
+    }
+
+    /// Makes the next `iter()`/`stream()` continue exactly from `state` (taken from [`JuicerIter::state`]).
+    pub fn resume(&self, state: LoaderState) -> Result<()> {
+        let s = &self.shared;
+        let mut problems = Vec::new();
+        if state.version != LoaderState::VERSION {
+            problems.push(format!("state version {} (this build reads {})", state.version, LoaderState::VERSION));
+        }
+        if state.seed != s.config.seed {
+            problems.push(format!("seed {} (loader has {})", state.seed, s.config.seed));
+        }
+        if state.world != s.world {
+            problems.push(format!("world {:?} (loader has {:?})", state.world, s.world));
+        }
+        if state.sources != s.fingerprint {
+            problems.push("the shard list differs from the one the state was taken with".into());
+        }
+        if state.shuffle_buffer != s.config.shuffle_buffer {
+            problems.push(format!("shuffle buffer {} (loader has {})", state.shuffle_buffer, s.config.shuffle_buffer));
+        }
+        if !problems.is_empty() {
+            return Err(Error::State(problems.join("; ")));
+        }
+        let next = if state.epoch_complete { Next::Epoch(state.epoch + 1) } else { Next::Resume(Box::new(state)) };
+        *self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))? = next;
+        Ok(())
+    }
+
+    /// Runs the next epoch (or the resumed one) as a blocking iterator.
+    pub fn iter(&self) -> Result<JuicerIter<O>> {
+        let next = {
+            let mut guard = self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))?;
+            let next = guard.clone();
+            *guard = Next::Epoch(match &next {
+                Next::Epoch(e) => e + 1,
+                Next::Resume(s) => s.epoch + 1,
+            });
+            next
+        };
+        let state = match next {
+            Next::Epoch(e) => self.fresh_state(e),
+            Next::Resume(s) => *s,
+        };
+        self.start(state)
+    }
+
+    /// Runs one given epoch from its start, leaving the epoch counter alone.
+    pub fn iter_epoch(&self, epoch: u64) -> Result<JuicerIter<O>> {
+        self.start(self.fresh_state(epoch))
+    }
+
+    /// Runs the next epoch as an async `Stream`. Dropping the stream stops and joins the stage threads; the
+    /// join is synchronous but short (threads notice within one 25 ms poll), so dropping inside a task blocks
+    /// that worker thread only briefly.
+    pub fn stream(&self) -> Result<impl Stream<Item = Result<O>> + Send + 'static> {
+        Ok(self.iter()?.into_stream())
+    }
+
+    fn fresh_state(&self, epoch: u64) -> LoaderState {
+        let s = &self.shared;
+        LoaderState::start(s.config.seed, epoch, s.world, s.fingerprint.clone(), s.config.shuffle_buffer)
+    }
+
+    /// Batches this rank must yield in `epoch` when ranks are kept equal, and how many sweeps of its shard list
+    /// may be needed to reach them.
+    fn epoch_target(&self, epoch: u64) -> Result<(Option<u64>, u32)> {
+        let s = &self.shared;
+        let cfg = &s.config;
+        let needs_counts = cfg.epoch_size.needs_counts(s.world.world_size);
+        let counts = if needs_counts { self.shard_counts()? } else { vec![0; s.shards.len()] };
+        let target = self.target_batches(&counts, epoch);
+        let max_passes = match target {
+            None => 1,
+            Some(t) => {
+                let rank_count = if needs_counts { self.rank_samples(&counts, epoch) } else { 0 };
+                let need = t * cfg.batch_size as u64;
+                if rank_count == 0 { 64 } else { (need.div_ceil(rank_count) + 1).min(1 << 16) as u32 }
+            }
+        };
+        Ok((target, max_passes))
+    }
+
+    fn start(&self, state: LoaderState) -> Result<JuicerIter<O>> {
+        let s = &self.shared;
+        let cfg = &s.config;
+        let plan = ShardPlan::new(s.shards.len(), cfg.seed, state.epoch, s.world, cfg.shuffle_shards)?;
+        let (target, max_passes) = self.epoch_target(state.epoch)?;
+        let first_state = state.clone();
+        let run = topology::run_epoch(EpochSetup {
+            shards: s.shards.clone(),
+            config: cfg,
+            models: &s.models,
+            plan,
+            target,
+            max_passes,
+            state,
+            batcher: self.batcher.clone(),
+            device: self.device.clone(),
+        })?;
+        let total =
+            s.counts.get().and_then(|c| c.as_ref().ok()).and_then(|_| self.epoch_samples(first_state.epoch).ok());
+        Ok(JuicerIter {
+            run,
+            forwards: s.models.classifier.forwards(),
+            score_cache: s.models.score_cache.clone(),
+            state: first_state,
+            dropped: Vec::new(),
+            started: Instant::now(),
+            total,
+            finished: false,
+        })
+    }
+}
+
+/// One epoch in progress. Dropping it stops the stage graph and joins its threads.
+pub struct JuicerIter<O> {
+    run: Run<Output<O>>,
+    forwards: Arc<std::sync::atomic::AtomicU64>,
+    score_cache: Option<Arc<ScoreCache>>,
+    state: LoaderState,
+    dropped: Vec<SampleError>,
+    started: Instant,
+    total: Option<u64>,
+    finished: bool,
+}
+
+impl<O> JuicerIter<O> {
+    /// Checkpoint state after the last batch (or error) this iterator returned. Pass it to
+    /// [`Juicer::resume`] to continue exactly from here.
+    pub fn state(&self) -> &LoaderState {
+        &self.state
+    }
+
+    /// Takes the samples dropped so far (since the last call), in order.
+    pub fn take_dropped(&mut self) -> Vec<SampleError> {
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Per-stage metrics snapshot.
+    pub fn metrics(&self) -> Vec<StageSnapshot> {
+        self.run.metrics()
+    }
+
+    /// Counters so far (per epoch, continued across a resume).
+    pub fn summary(&self) -> Summary {
+        Summary {
+            epoch: self.state.epoch,
+            read: self.state.samples_read,
+            emitted: self.state.samples_emitted,
+            dropped: self.state.dropped.clone(),
+            batches: self.state.batches,
+            patches_kept: self.state.patches_kept,
+            patches_total: self.state.patches_total,
+            classes: self.state.classes,
+            classes_added: self.state.classes_added,
+            classifier_images: self.forwards.load(Ordering::Relaxed),
+            score_cache: self.score_cache.as_ref().map(|c| c.stats()),
+            elapsed: self.started.elapsed(),
+            stages: self.run.metrics(),
+        }
+    }
+
+    /// A gauge of the graph's running threads. It reads 0 once dropping the iterator (or the stream made from
+    /// it) has joined them all.
+    pub fn thread_gauge(&self) -> Arc<std::sync::atomic::AtomicI64> {
+        self.run.live_threads()
+    }
+
+    /// Turns the iterator into an async `Stream`. Dropping the stream stops and joins the stage threads.
+    pub fn into_stream(mut self) -> impl Stream<Item = Result<O>> + Send + 'static
+    where
+        O: Send + 'static,
+    {
+        async_stream::stream! {
+            while let Some(item) = self.next_async().await {
+                yield item;
+            }
+        }
+    }
+
+    fn handle(&mut self, out: Option<Output<O>>) -> Option<Result<O>> {
+        match out? {
+            Output::Batch { batch, dropped, state } => {
+                self.state = *state;
+                self.dropped.extend(dropped);
+                Some(Ok(batch))
+            }
+            Output::Error { error, state } => {
+                self.state = *state;
+                Some(Err(error))
+            }
+            Output::End { dropped, state } => {
+                self.state = *state;
+                self.dropped.extend(dropped);
+                self.finished = true;
+                None
+            }
+        }
+    }
+
+    /// Async version of `next()`.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future before it completes loses no batch.
+    pub async fn next_async(&mut self) -> Option<Result<O>> {
+        if self.finished {
+            return None;
+        }
+        let out = self.run.recv().await;
+        self.handle(out)
+    }
+}
+
+impl<O> Iterator for JuicerIter<O> {
+    type Item = Result<O>;
+
+    fn next(&mut self) -> Option<Result<O>> {
+        if self.finished {
+            return None;
+        }
+        let out = self.run.blocking_recv();
+        self.handle(out)
+    }
+}
+
+impl Shared {
+    fn clone_config(&self) -> Shared {
+        Shared {
+            shards: self.shards.clone(),
+            config: self.config.clone(),
+            world: self.world,
+            fingerprint: self.fingerprint.clone(),
+            counts: self.counts.get().cloned().map(OnceLock::from).unwrap_or_default(),
+            models: self.models.clone(),
+        }
+    }
+}

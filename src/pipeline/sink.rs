@@ -1,0 +1,187 @@
+//! The ordered sink at the end of the stage graph: [`BatchSink`] mirrors the checkpoint state item by item,
+//! accounts every sample (emitted or dropped with its reason), cuts batches, and applies the epoch's batch
+//! target, limit and range; [`Summary`] is what a run's counters add up to.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::tensor::Device;
+use serde::Serialize;
+
+use crate::error::{Error, OnError, SampleError};
+use crate::graph::{Envelope, SinkLogic, SinkStep, StageSnapshot};
+use crate::plan::{LoaderState, Trace};
+use crate::sample::JuicedSample;
+use crate::vision::cache::CacheStats;
+
+/// What the last edge carries to the consumer.
+pub(super) enum Output<O> {
+    Batch { batch: O, dropped: Vec<SampleError>, state: Box<LoaderState> },
+    Error { error: Error, state: Box<LoaderState> },
+    End { dropped: Vec<SampleError>, state: Box<LoaderState> },
+}
+
+/// The ordered sink: checkpoint mirror, accounting, batching.
+pub(super) struct BatchSink<O> {
+    pub(super) batcher: Arc<dyn Batcher<JuicedSample, O>>,
+    pub(super) device: Device,
+    pub(super) batch_size: usize,
+    pub(super) on_error: OnError,
+    pub(super) target: Option<u64>,
+    pub(super) limit: Option<u64>,
+    pub(super) range: Option<(u64, u64)>,
+    /// State at the last batch boundary: what the consumer may checkpoint.
+    pub(super) boundary: LoaderState,
+    /// State after the last item.
+    pub(super) state: LoaderState,
+    pub(super) pending: Vec<JuicedSample>,
+    pub(super) dropped: Vec<SampleError>,
+}
+
+impl<O> BatchSink<O> {
+    fn flush(&mut self, complete: bool) -> Option<Output<O>> {
+        if self.pending.is_empty() && self.dropped.is_empty() {
+            return None;
+        }
+        self.state.epoch_complete = complete;
+        if self.pending.is_empty() {
+            // Drops after the last batch travel with the End marker.
+            return None;
+        }
+        self.state.batches += 1;
+        self.boundary = self.state.clone();
+        let items = std::mem::take(&mut self.pending);
+        let batch = self.batcher.batch(items, &self.device);
+        Some(Output::Batch {
+            batch,
+            dropped: std::mem::take(&mut self.dropped),
+            state: Box::new(self.boundary.clone()),
+        })
+    }
+
+    fn limit_reached(&self) -> bool {
+        let read = self.state.samples_read;
+        self.limit.is_some_and(|l| read >= l) || self.range.is_some_and(|(a, b)| read >= b.saturating_sub(a))
+    }
+}
+
+impl<O: Send + 'static> SinkLogic for BatchSink<O> {
+    type In = JuicedSample;
+    type Meta = Trace;
+    type Out = Output<O>;
+
+    fn accept(&mut self, env: Envelope<JuicedSample, Trace>) -> SinkStep<Output<O>> {
+        if self.target.is_some_and(|t| self.state.batches >= t) {
+            // A zero-batch epoch (a rank with fewer samples than one batch under DropRemainder).
+            return SinkStep::Stop(self.finish(None));
+        }
+        self.state.apply(&env.meta);
+        let position = self.state.drawn;
+        self.state.drawn += 1;
+        if let Some((a, _)) = self.range
+            && position < a
+        {
+            return SinkStep::Continue(Vec::new());
+        }
+        self.state.samples_read += 1;
+        let mut out = Vec::new();
+        match env.body {
+            Ok(s) => {
+                self.state.samples_emitted += 1;
+                self.state.patches_kept += s.positions.len() as u64;
+                self.state.patches_total += (s.grid.0 * s.grid.1) as u64;
+                self.state.classes += s.classes.len() as u64;
+                self.state.classes_added += s.added.len() as u64;
+                self.pending.push(s);
+            }
+            Err(e) => {
+                *self.state.dropped.entry(e.reason.as_str().to_string()).or_default() += 1;
+                match self.on_error {
+                    OnError::Drop => self.dropped.push(e),
+                    OnError::Fail => {
+                        out.push(Output::Error { error: Error::Sample(e), state: Box::new(self.boundary.clone()) })
+                    }
+                }
+            }
+        }
+        if self.pending.len() >= self.batch_size {
+            let done = self.target.is_some_and(|t| self.state.batches + 1 >= t);
+            out.extend(self.flush(done));
+            if done {
+                return SinkStep::Stop(out);
+            }
+        }
+        if self.limit_reached() {
+            out.extend(self.flush(true));
+            self.state.epoch_complete = true;
+            self.boundary = self.state.clone();
+            out.push(Output::End {
+                dropped: std::mem::take(&mut self.dropped),
+                state: Box::new(self.boundary.clone()),
+            });
+            return SinkStep::Stop(out);
+        }
+        SinkStep::Continue(out)
+    }
+
+    fn finish(&mut self, failure: Option<Error>) -> Vec<Output<O>> {
+        let mut out = Vec::new();
+        if let Some(e) = failure {
+            out.push(Output::Error { error: e, state: Box::new(self.boundary.clone()) });
+            return out;
+        }
+        // With a batch target a partial batch would make ranks unequal; without one the last batch may be short.
+        if self.target.is_none() {
+            out.extend(self.flush(true));
+        }
+        self.state.epoch_complete = true;
+        self.boundary = self.state.clone();
+        out.push(Output::End { dropped: std::mem::take(&mut self.dropped), state: Box::new(self.boundary.clone()) });
+        out
+    }
+}
+
+/// Counters of a run, for the CLI summary and for tests. `read == emitted + dropped` always.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Epoch.
+    pub epoch: u64,
+    /// Samples taken in (emitted + dropped).
+    pub read: u64,
+    /// Samples emitted in batches.
+    pub emitted: u64,
+    /// Dropped samples by reason.
+    pub dropped: BTreeMap<String, u64>,
+    /// Batches yielded.
+    pub batches: u64,
+    /// Patches kept in emitted samples.
+    pub patches_kept: u64,
+    /// Patches of emitted samples, kept or not.
+    pub patches_total: u64,
+    /// Classes extracted for emitted samples.
+    pub classes: u64,
+    /// Classes added to captions.
+    pub classes_added: u64,
+    /// Images forwarded through the classifier backbone since the loader was built (all epochs).
+    pub classifier_images: u64,
+    /// Score cache counters since the loader was built (all epochs), when a cache is configured.
+    pub score_cache: Option<CacheStats>,
+    /// Wall time since the epoch started.
+    pub elapsed: Duration,
+    /// Per-stage counters.
+    pub stages: Vec<StageSnapshot>,
+}
+
+impl Summary {
+    /// Kept share of the patches of emitted samples.
+    pub fn kept_ratio(&self) -> f64 {
+        if self.patches_total == 0 { 0.0 } else { self.patches_kept as f64 / self.patches_total as f64 }
+    }
+
+    /// Total dropped samples.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.values().sum()
+    }
+}

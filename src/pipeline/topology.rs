@@ -1,0 +1,273 @@
+//! The stage graph of one epoch, wired top to bottom as the crate docs' diagram reads:
+//!
+//! ```text
+//! read (R workers) ─► shuffle (sequencer, source) ─► decode ─► score ─► prune ─► extract ─► enrich ─► batch
+//! ```
+//!
+//! [`run_epoch`] builds the graph for one [`EpochSetup`] and hands back the running [`Run`]. A graph truncated by
+//! [`Config::last_stage`] stops after that stage: [`stages`] checks the stage list against it after every
+//! stage and ends the graph there with a `finish` stage ([`Finish`]) that turns whatever the last stage
+//! produced into the sample the batcher takes.
+//!
+//! Which runtime each stage gets is decided here, nowhere else: per-item stages run on the decode worker pool
+//! (`decode_workers` threads each); the model scorers and the extract classifier run on model threads
+//! (`model_workers` replicas, micro-batched), the cam scorer's outputs behind the score cache when there is one.
+
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::tensor::Device;
+
+use super::Config;
+use super::config::LastStage;
+use super::models::Models;
+use super::sink::{BatchSink, Output};
+use crate::decode::{DecodeStage, Decoder, grid};
+use crate::error::{Error, Result, SampleError};
+use crate::graph::{Envelope, Graph, Inlet, Run};
+use crate::plan::{LoaderState, ShardPlan, Trace};
+use crate::reader::{ReadSetup, reader_worker, sequencer};
+use crate::sample::{Decoded, JuicedSample, Pruned, Scored};
+use crate::source::Shard;
+use crate::stage::{BatchStage, Stage};
+use crate::text::EnrichStage;
+use crate::vision::cache::{Cached, ScoreCache};
+use crate::vision::{AttentionScorer, CamScorer, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig};
+
+/// An edge carrying items of type `T` with their checkpoint trace.
+type Edge<T> = Inlet<Envelope<T, Trace>>;
+
+/// Everything one epoch's graph is built from.
+pub(super) struct EpochSetup<'a, O> {
+    /// The loader's shards.
+    pub shards: Arc<[Shard]>,
+    /// The loader's configuration (after model loading adapted it).
+    pub config: &'a Config,
+    /// Models loaded at build time.
+    pub models: &'a Models,
+    /// This rank's shard order for the epoch.
+    pub plan: ShardPlan,
+    /// Batches this rank yields, when ranks must be equal.
+    pub target: Option<u64>,
+    /// How often the rank's shard list may be swept to reach `target`.
+    pub max_passes: u32,
+    /// Where the epoch starts (a fresh state or a resumed one).
+    pub state: LoaderState,
+    /// The user's batcher.
+    pub batcher: Arc<dyn Batcher<JuicedSample, O>>,
+    /// Device of the batches and the models.
+    pub device: Device,
+}
+
+/// Builds and starts one epoch's graph.
+pub(super) fn run_epoch<O: Send + 'static>(e: EpochSetup<'_, O>) -> Result<Run<Output<O>>> {
+    let cfg = e.config;
+    let mut graph = Graph::new(cfg.capacity);
+
+    // read: R workers prefetch the shards of their tasks.
+    let setup = Arc::new(ReadSetup {
+        shards: e.shards.clone(),
+        plan: e.plan,
+        opts: cfg.read.clone(),
+        max_passes: e.max_passes,
+        start: e.state.cursor,
+        shutdown: graph.shutdown_flag(),
+    });
+    let readers = graph.stage("read", cfg.reader_workers);
+    let shuffle = graph.stage("shuffle", 1);
+    let n_readers = cfg.reader_workers;
+    let mut inlets = Vec::with_capacity(n_readers);
+    for r in 0..n_readers {
+        let (out, inlet) = graph.edge(&readers, &shuffle, cfg.capacity);
+        inlets.push(inlet);
+        let setup = setup.clone();
+        graph.spawn(&format!("read-{r}"), move || {
+            reader_worker(setup, r, n_readers, out);
+            Ok(())
+        })?;
+    }
+
+    // shuffle: the sequencer restores the canonical order, shuffles, and is the graph's source. Items in flight
+    // between it and the sink are bounded by the edges and workers between them: six edges
+    // (shuffle→decode→score→prune→extract→enrich→sink), four per-item pools, up to two micro-batches.
+    let window = 6 * cfg.capacity + 4 * cfg.decode_workers + 2 * cfg.vision.micro_batch * cfg.vision.model_workers + 1;
+    let resume = e.state.clone();
+    let capacity = cfg.shuffle_buffer;
+    let (raw, credits) =
+        graph.source(shuffle, window, move |emitter| sequencer(&setup, inlets, &resume, capacity, emitter))?;
+
+    let tail = stages(&mut graph, raw, cfg, e.models, &e.device, e.state.epoch)?;
+
+    // batch: the ordered sink.
+    let sink = BatchSink {
+        batcher: e.batcher,
+        device: e.device,
+        batch_size: cfg.batch_size,
+        on_error: cfg.on_error,
+        target: e.target,
+        limit: cfg.limit,
+        range: cfg.range,
+        boundary: e.state.clone(),
+        state: e.state,
+        pending: Vec::new(),
+        dropped: Vec::new(),
+    };
+    graph.sink(tail, credits, sink)
+}
+
+/// decode → score → prune → extract → enrich, stopping after [`Config::last_stage`].
+fn stages(
+    graph: &mut Graph,
+    raw: Edge<crate::sample::RawSample>,
+    cfg: &Config,
+    m: &Models,
+    device: &Device,
+    epoch: u64,
+) -> Result<Edge<JuicedSample>> {
+    let workers = cfg.decode_workers;
+    let patch = cfg.patch_size;
+    let v = &cfg.vision;
+    let stop_after = |stage: LastStage| cfg.last_stage == stage;
+
+    let decoded = graph.map(raw, Arc::new(DecodeStage(Decoder::new(cfg.decode.clone()))), workers)?;
+    if stop_after(LastStage::Decode) {
+        return graph.map(decoded, Arc::new(Finish::<Decoded>::new(patch)), workers);
+    }
+
+    let scored = score(graph, decoded, cfg, m, device)?;
+    if stop_after(LastStage::Score) {
+        return graph.map(scored, Arc::new(Finish::<Scored>::new(patch)), workers);
+    }
+
+    let pruned = graph.map(scored, Arc::new(PruneStage(v.prune)), workers)?;
+    if stop_after(LastStage::Prune) {
+        return graph.map(pruned, Arc::new(Finish::<Pruned>::new(patch)), workers);
+    }
+
+    let extract = Extract {
+        classifier: None,
+        top_k: v.top_k,
+        min_prob: v.min_prob,
+        margin: v.margin,
+        vocabulary: m.vocabulary.clone(),
+        input_norm: m.input_norm,
+    };
+    let juiced = if v.scorer == ScorerSpec::Cam {
+        // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
+        graph.map(pruned, Arc::new(extract), workers)?
+    } else {
+        let extract = Extract { classifier: Some(m.classifier.clone()), ..extract };
+        graph.model("extract", pruned, replicas(&extract, v.model_workers), v.micro_batch, v.max_wait)?
+    };
+    if stop_after(LastStage::Extract) {
+        return Ok(juiced);
+    }
+
+    let enrich = EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch };
+    graph.map(juiced, Arc::new(enrich), workers)
+}
+
+/// The `score` stage for the configured scorer.
+fn score(graph: &mut Graph, decoded: Edge<Decoded>, cfg: &Config, m: &Models, device: &Device) -> Result<Edge<Scored>> {
+    let v = &cfg.vision;
+    let patch = cfg.patch_size;
+    let cache = m.score_cache.as_ref();
+    match &v.scorer {
+        ScorerSpec::Cam => {
+            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k: v.top_k };
+            model_scorer(graph, decoded, stage, cache, patch, v)
+        }
+        ScorerSpec::Attention(_) => {
+            let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
+            model_scorer(graph, decoded, AttentionScorer { vit, device: device.clone() }, cache, patch, v)
+        }
+        ScorerSpec::Random => {
+            graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch }), cfg.decode_workers)
+        }
+        ScorerSpec::None => graph.map(decoded, Arc::new(PlainScorer { seed: None, patch }), cfg.decode_workers),
+    }
+}
+
+/// Adds a model scorer as the `score` stage, behind the score cache when there is one.
+fn model_scorer<S>(
+    graph: &mut Graph,
+    decoded: Edge<Decoded>,
+    stage: S,
+    cache: Option<&Arc<ScoreCache>>,
+    patch: usize,
+    v: &VisionConfig,
+) -> Result<Edge<Scored>>
+where
+    S: BatchStage<In = Decoded, Out = Scored> + Clone,
+{
+    match cache {
+        Some(cache) => {
+            let stage = Cached { inner: stage, cache: cache.clone(), patch };
+            graph.model("score", decoded, replicas(&stage, v.model_workers), v.micro_batch, v.max_wait)
+        }
+        None => graph.model("score", decoded, replicas(&stage, v.model_workers), v.micro_batch, v.max_wait),
+    }
+}
+
+/// One factory per model thread, each building its own copy of `stage` (a burn module clone shares the
+/// weights' storage until a thread writes to it, which these stages never do).
+fn replicas<S: Clone + Send + 'static>(stage: &S, n: usize) -> Vec<impl FnOnce() -> Result<S> + Send + 'static> {
+    (0..n.max(1))
+        .map(|_| {
+            let s = stage.clone();
+            move || Ok(s)
+        })
+        .collect()
+}
+
+/// Ends a graph truncated by [`Config::last_stage`]: turns what the last stage produced into the sample the
+/// batcher takes ([`Pruned::into_juiced`]). Keeps every patch before prune, the kept ones after it; no classes,
+/// no tokens.
+struct Finish<T> {
+    patch: usize,
+    _in: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T> Finish<T> {
+    fn new(patch: usize) -> Self {
+        Self { patch, _in: std::marker::PhantomData }
+    }
+}
+
+/// What a truncated graph's last stage produced, as the pruned sample [`Finish`] turns into a batch item.
+trait Unfinished: Send + 'static {
+    /// The sample with its kept patches (every patch before prune).
+    fn pruned(self, patch: usize) -> Pruned;
+}
+
+impl Unfinished for Decoded {
+    fn pruned(self, patch: usize) -> Pruned {
+        let grid = grid(self.size, patch);
+        Pruned::keep_all(Scored { sample: self, grid, patch, scores: Vec::new(), candidates: None })
+    }
+}
+
+impl Unfinished for Scored {
+    fn pruned(self, _: usize) -> Pruned {
+        Pruned::keep_all(self)
+    }
+}
+
+impl Unfinished for Pruned {
+    fn pruned(self, _: usize) -> Pruned {
+        self
+    }
+}
+
+impl<T: Unfinished> Stage for Finish<T> {
+    type In = T;
+    type Out = JuicedSample;
+
+    fn name(&self) -> &'static str {
+        "finish"
+    }
+
+    fn process(&self, item: T) -> std::result::Result<JuicedSample, SampleError> {
+        Ok(item.pruned(self.patch).into_juiced(Vec::new()))
+    }
+}

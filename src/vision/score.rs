@@ -1,0 +1,265 @@
+//! The `score` stage: a saliency score for every patch of a decoded image.
+//!
+//! - `cam` (default, [`CamScorer`]): torchvision MobileNetV2 with its ImageNet weights (embedded). One forward
+//!   gives the 1280×7×7 feature map and the logits; saliency is the class activation map of the top `cam_top`
+//!   classes, weighted by their probabilities, resampled bilinearly to the patch grid. The same forward's logits
+//!   and maps become the class [`Candidate`]s that `extract` reads, so the cam path costs one model forward per
+//!   image.
+//! - `attention` (the paper's, [`AttentionScorer`]): a HuggingFace ViT's last-layer \[CLS\]-query × patch-key
+//!   logits, averaged over heads. The classifier then runs once on the full image in the extract stage.
+//! - `random` / `none` ([`PlainScorer`]): scores drawn from (seed, key), the fair baseline for any saliency
+//!   method; or all zero, with a keep-all policy.
+//!
+//! The model scorers are [`BatchStage`]s (one model replica per model thread, micro-batched); the plain ones are
+//! per-item [`Stage`]s. [`ScorerSpec`] is the stage's configuration.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::{Device, Tensor, TensorData};
+
+use super::cam;
+use crate::decode::grid;
+use crate::error::{DropReason, Error, Result, SampleError};
+use crate::model::mobilenet_v2::{self, MobileNetV2};
+use crate::model::vit::ViT;
+use crate::rng::{SplitMix64, derive, hash_str};
+use crate::sample::{Candidate, Decoded, Scored};
+use crate::stage::{BatchStage, Stage};
+
+/// Which saliency scorer runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ScorerSpec {
+    /// MobileNetV2 class activation maps (embedded weights).
+    #[default]
+    Cam,
+    /// A HuggingFace ViT folder (`model.safetensors` + `config.json`, optional `preprocessor_config.json`).
+    Attention(PathBuf),
+    /// Seeded random scores.
+    Random,
+    /// Keep every patch.
+    None,
+}
+
+impl ScorerSpec {
+    /// Parses `cam`, `attention`, `random`, `none`; `attention` needs `weights`.
+    pub fn parse(name: &str, weights: Option<&Path>) -> Result<Self> {
+        match (name, weights) {
+            ("cam", _) => Ok(ScorerSpec::Cam),
+            ("attention", Some(w)) => Ok(ScorerSpec::Attention(w.to_path_buf())),
+            ("attention", None) => {
+                Err(Error::Config(vec!["--scorer attention needs --weights DIR (a HuggingFace ViT folder)".into()]))
+            }
+            ("random", _) => Ok(ScorerSpec::Random),
+            ("none", _) => Ok(ScorerSpec::None),
+            (other, _) => Err(Error::Config(vec![format!("unknown scorer `{other}` (cam, attention, random, none)")])),
+        }
+    }
+
+    /// Short name for summaries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ScorerSpec::Cam => "cam",
+            ScorerSpec::Attention(_) => "attention",
+            ScorerSpec::Random => "random",
+            ScorerSpec::None => "none",
+        }
+    }
+}
+
+/// The MobileNetV2 classifier with a host copy of its head for class activation maps.
+#[derive(Clone)]
+pub struct Classifier {
+    model: MobileNetV2,
+    weight: Arc<Vec<f32>>,
+    device: Device,
+    forwards: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Classifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Classifier").field("device", &self.device).finish()
+    }
+}
+
+/// Stacks `[3, S, S]` images into one `[N, 3, S, S]` model input on `device`.
+pub(crate) fn stack_images<'a>(
+    images: impl ExactSizeIterator<Item = &'a [f32]>,
+    size: usize,
+    device: &Device,
+) -> Tensor<4> {
+    let n = images.len();
+    let mut data = Vec::with_capacity(n * 3 * size * size);
+    for im in images {
+        data.extend_from_slice(im);
+    }
+    Tensor::<4>::from_data(TensorData::new(data, [n, 3, size, size]), device)
+}
+
+impl Classifier {
+    /// Loads the weights (`None`: embedded) on `device`; bad weights fail here, naming file and tensor.
+    pub fn load(weights: Option<&Path>, device: &Device) -> Result<Self> {
+        let model = match weights {
+            Some(p) => mobilenet_v2::load(p, device)?,
+            None => mobilenet_v2::embedded(device)?,
+        };
+        let weight = model
+            .classifier_weight()
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| Error::Weights { file: "classifier.1.weight".into(), detail: format!("{e:?}") })?;
+        Ok(Self { model, weight: Arc::new(weight), device: device.clone(), forwards: Arc::new(AtomicU64::new(0)) })
+    }
+
+    /// Images forwarded through the backbone so far (all clones share the counter).
+    pub fn forwards(&self) -> Arc<AtomicU64> {
+        self.forwards.clone()
+    }
+
+    /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images; returns probabilities and the top
+    /// `n_top` classes with their maps on `grid` per image.
+    pub(crate) fn classify(
+        &self,
+        images: &[&[f32]],
+        size: usize,
+        grid: (usize, usize),
+        n_top: usize,
+    ) -> std::result::Result<Vec<Vec<Candidate>>, String> {
+        let n = images.len();
+        let x = stack_images(images.iter().copied(), size, &self.device);
+        let (features, logits) = self.model.forward(x);
+        self.forwards.fetch_add(n as u64, Ordering::Relaxed);
+        let [_, channels, fh, fw] = features.dims();
+        let f = features.into_data().try_to_vec::<f32>().map_err(|e| format!("reading features: {e:?}"))?;
+        let l = logits.into_data().try_to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+        let classes = l.len() / n.max(1);
+        let per = channels * fh * fw;
+        Ok((0..n)
+            .map(|i| {
+                let probs = cam::softmax(&l[i * classes..(i + 1) * classes]);
+                let feats = &f[i * per..(i + 1) * per];
+                cam::top_k(&probs, n_top)
+                    .into_iter()
+                    .map(|(c, p)| {
+                        let row = &self.weight[c * channels..(c + 1) * channels];
+                        let map = cam::class_map(feats, row);
+                        Candidate { id: c as u32, prob: p, map: cam::resample_bilinear(&map, (fh, fw), grid) }
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}
+
+pub(crate) fn failed_all<T>(
+    keys: impl Iterator<Item = String>,
+    detail: &str,
+) -> Vec<std::result::Result<T, SampleError>> {
+    keys.map(|k| Err(SampleError::new(k, DropReason::StageFailed, detail.to_string()))).collect()
+}
+
+/// The `cam` scorer stage: one MobileNetV2 forward per micro-batch gives scores and class candidates.
+#[derive(Clone)]
+pub struct CamScorer {
+    /// The classifier.
+    pub classifier: Classifier,
+    /// Patch side.
+    pub patch: usize,
+    /// Classes in the saliency mix.
+    pub cam_top: usize,
+    /// Candidates handed to extract.
+    pub top_k: usize,
+}
+
+impl BatchStage for CamScorer {
+    type In = Decoded;
+    type Out = Scored;
+
+    fn process_batch(&mut self, items: Vec<Decoded>) -> Vec<std::result::Result<Scored, SampleError>> {
+        let Some(size) = items.first().map(|d| d.size) else { return Vec::new() };
+        let g = grid(size, self.patch);
+        let images: Vec<&[f32]> = items.iter().map(|d| d.pixels.as_slice()).collect();
+        let classified = match self.classifier.classify(&images, size, g, self.cam_top.max(self.top_k)) {
+            Ok(c) => c,
+            Err(e) => return failed_all(items.into_iter().map(|d| d.key), &e),
+        };
+        items
+            .into_iter()
+            .zip(classified)
+            .map(|(sample, c)| {
+                let mut scores = vec![0f32; g.0 * g.1];
+                for cand in c.iter().take(self.cam_top) {
+                    for (s, m) in scores.iter_mut().zip(&cand.map) {
+                        *s += cand.prob * m;
+                    }
+                }
+                let candidates = Some(c.into_iter().take(self.top_k).collect());
+                Ok(Scored { sample, grid: g, patch: self.patch, scores, candidates })
+            })
+            .collect()
+    }
+}
+
+/// The `attention` scorer stage: a ViT's \[CLS\]→patch logits, head-averaged.
+#[derive(Clone)]
+pub struct AttentionScorer {
+    /// The ViT.
+    pub vit: ViT,
+    /// Device of the ViT.
+    pub device: Device,
+}
+
+impl BatchStage for AttentionScorer {
+    type In = Decoded;
+    type Out = Scored;
+
+    fn process_batch(&mut self, items: Vec<Decoded>) -> Vec<std::result::Result<Scored, SampleError>> {
+        let Some(size) = items.first().map(|d| d.size) else { return Vec::new() };
+        let patch = self.vit.config().patch_size;
+        let g = grid(size, patch);
+        let x = stack_images(items.iter().map(|d| d.pixels.as_slice()), size, &self.device);
+        let logits = match self.vit.cls_patch_logits(x).into_data().try_to_vec::<f32>() {
+            Ok(l) => l,
+            Err(e) => return failed_all(items.into_iter().map(|d| d.key), &format!("reading ViT logits: {e:?}")),
+        };
+        let per = g.0 * g.1;
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, sample)| {
+                let scores = logits[i * per..(i + 1) * per].to_vec();
+                Ok(Scored { sample, grid: g, patch, scores, candidates: None })
+            })
+            .collect()
+    }
+}
+
+/// The `random` and `none` scorers (no model): per-item stages.
+pub struct PlainScorer {
+    /// Seed for `random`; `None` scores every patch 0 (the `none` scorer, with a keep-all policy).
+    pub seed: Option<u64>,
+    /// Patch side.
+    pub patch: usize,
+}
+
+impl Stage for PlainScorer {
+    type In = Decoded;
+    type Out = Scored;
+
+    fn name(&self) -> &'static str {
+        "score"
+    }
+
+    fn process(&self, sample: Decoded) -> std::result::Result<Scored, SampleError> {
+        let g = grid(sample.size, self.patch);
+        let scores = match self.seed {
+            Some(seed) => {
+                let mut r = SplitMix64::new(derive(seed, &[hash_str(&sample.key)]));
+                (0..g.0 * g.1).map(|_| r.unit_f64() as f32).collect()
+            }
+            None => vec![0.0; g.0 * g.1],
+        };
+        Ok(Scored { sample, grid: g, patch: self.patch, scores, candidates: None })
+    }
+}
