@@ -80,7 +80,7 @@ fn bench_vision(c: &mut Criterion) {
     let kept = prune.keep(&scored.scores);
     let candidates: Vec<Candidate> = scored.candidates.clone().expect("cam candidates");
     assert_eq!((scored.scores.len(), kept.len(), candidates.len()), (196, 98, 3));
-    let vocabulary = Vocabulary::imagenet();
+    let vocabulary = Vocabulary::imagenet().expect("embedded vocabulary");
 
     group.sampling_mode(SamplingMode::Auto).measurement_time(Duration::from_secs(2));
     group.throughput(Throughput::Elements(1));

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use juicer::source::{Shard, ShardWriter, resolve};
+use juicer::vision::ExtractRule;
 use juicer::{DeviceSpec, EpochSize, JuicedBatch, KeepPolicy, OnError, PruneConfig, SampleError, ScorerSpec, Summary};
 
 #[derive(Parser)]
@@ -152,13 +153,27 @@ struct RunArgs {
     /// Never keep more patches.
     #[arg(long)]
     max_keep: Option<usize>,
-    /// Candidate classes per image.
-    #[arg(long, default_value_t = 3)]
-    top_k: usize,
-    /// Minimum full-image probability of a class.
-    #[arg(long, default_value_t = 0.15)]
-    min_prob: f32,
-    /// JSON {"<class id>": "<name>"} restricting and renaming the classes.
+    /// How concepts are chosen: `tree`, the most specific WordNet concept whose summed class probability reaches
+    /// --class-threshold ("lizard" for three lizard guesses), or `flat`, the top --top-k classes.
+    #[arg(long, value_enum, default_value_t = ExtractArg::Tree)]
+    extract: ExtractArg,
+    /// Summed calibrated probability a concept needs (--extract tree).
+    #[arg(long, default_value_t = juicer::vision::extract::DEFAULT_THRESHOLD)]
+    class_threshold: f32,
+    /// Softmax temperature the class probabilities are calibrated with before they are summed (--extract tree).
+    #[arg(long, default_value_t = juicer::vision::extract::DEFAULT_TEMPERATURE)]
+    class_temperature: f32,
+    /// Summed probability a second, unrelated concept needs, with evidence of a second object (--extract tree;
+    /// off unless given).
+    #[arg(long)]
+    second_threshold: Option<f32>,
+    /// Candidate classes per image (--extract flat) [default: 3].
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Minimum full-image probability of a class (--extract flat) [default: 0.15].
+    #[arg(long)]
+    min_prob: Option<f32>,
+    /// JSON {"<class id or wnid>": "<name>" | ["<name>", "<synonym>", ...]} restricting and renaming the concepts.
     #[arg(long, value_name = "FILE")]
     vocabulary: Option<PathBuf>,
     /// Items per model micro-batch.
@@ -179,6 +194,12 @@ struct RunArgs {
     /// Probability of the enriched caption over the original, drawn per (seed, epoch, key).
     #[arg(long, default_value_t = 1.0)]
     mix: f32,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExtractArg {
+    Tree,
+    Flat,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -316,12 +337,30 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
             min_keep: args.min_keep,
             max_keep: args.max_keep,
         })
-        .top_k(args.top_k)
-        .min_prob(args.min_prob)
+        .extract(ExtractRule::parse(
+            match args.extract {
+                ExtractArg::Tree => "tree",
+                ExtractArg::Flat => "flat",
+            },
+            Some(args.class_threshold),
+            Some(args.class_temperature),
+        )?)
         .micro_batch(args.micro_batch)
         .model_workers(args.model_workers)
         .template(args.template.clone())
         .mix(args.mix);
+    if matches!(args.extract, ExtractArg::Tree) && (args.top_k.is_some() || args.min_prob.is_some()) {
+        bail!("--top-k and --min-prob choose classes under --extract flat; the tree rule uses --class-threshold");
+    }
+    if let Some(k) = args.top_k {
+        builder = builder.top_k(k);
+    }
+    if let Some(p) = args.min_prob {
+        builder = builder.min_prob(p);
+    }
+    if let Some(t) = args.second_threshold {
+        builder = builder.second_threshold(t);
+    }
     if let Some(w) = &args.classifier_weights {
         builder = builder.classifier_weights(w);
     }

@@ -61,14 +61,20 @@ pub struct Decoded {
     pub meta: Option<serde_json::Value>,
 }
 
-/// An object class extracted from an image.
+/// An object concept extracted from an image: an ImageNet class, or a WordNet hypernym of classes ("lizard")
+/// when the tree rule collapses uncertain alternatives into it. Serialised as `{"id", "wnid", "name", "prob"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Class {
-    /// Class index in the classifier's label space (ImageNet-1k for the embedded MobileNetV2).
-    pub id: u32,
-    /// Class name (the first synonym of the ImageNet label, or the vocabulary's name).
+    /// Class index in the classifier's label space (ImageNet-1k for the embedded MobileNetV2); `None` for a
+    /// hypernym.
+    pub id: Option<u32>,
+    /// WordNet 3.0 noun synset id (`"n########"`); empty when the vocabulary has no hierarchy.
+    pub wnid: String,
+    /// Display name (torchvision's category name for a class, WordNet's first lemma for a hypernym, or the
+    /// vocabulary's name).
     pub name: String,
-    /// Softmax probability on the full image.
+    /// Full-image probability: a class's softmax probability, a hypernym's summed probability of the classes
+    /// under it.
     pub prob: f32,
 }
 
@@ -135,7 +141,10 @@ pub struct Scored {
     pub patch: usize,
     /// Raw scores, row-major.
     pub scores: Vec<f32>,
-    /// Class candidates when the scorer's forward already produced them (cam).
+    /// Full-image probability of every class when the scorer's forward already produced them (cam); empty
+    /// otherwise.
+    pub probs: Vec<f32>,
+    /// The most probable classes with their maps when the scorer's forward already produced them (cam).
     pub candidates: Option<Vec<Candidate>>,
 }
 

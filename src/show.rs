@@ -734,7 +734,7 @@ mod tests {
     #[test]
     fn text_band_has_dark_pixels() {
         let img = gradient(224);
-        let classes = [Class { id: 388, name: "giant panda".into(), prob: 0.87 }];
+        let classes = [Class { id: Some(388), wnid: "n02510455".into(), name: "giant panda".into(), prob: 0.87 }];
         let out = render(&panel(&img, &[], &[], &classes));
         let l = Layout::new(224, 224);
         let dark_in_row = |r: u32| {
@@ -848,7 +848,10 @@ mod tests {
             order.sort_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]));
             let mut kept = order[..scores.len() / 2].to_vec();
             kept.sort_unstable();
-            let classes = [Class { id: 0, name: class.into(), prob }, Class { id: 1, name: "alp".into(), prob: 0.05 }];
+            let classes = [
+                Class { id: Some(0), wnid: String::new(), name: class.into(), prob },
+                Class { id: Some(1), wnid: String::new(), name: "alp".into(), prob: 0.05 },
+            ];
             let key = format!("gcompris/{key}");
             let enriched = (n == 3).then_some("A castle on a hill: Neuschwanstein, Füssen – Bavaria.");
             let panel = Panel {

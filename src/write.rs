@@ -14,7 +14,7 @@
 //! - `KEY.txt`: the enriched caption (the caption the model trains on; `mix` applies, as in `juicer run`).
 //! - `KEY.orig.txt`: the original caption; absent when the input had none.
 //! - `KEY.json`: `{"grid": [rows, cols], "patch": P, "kept": [row-major patch indices, sorted], "scores": [raw
-//!   score per patch, row-major; empty for the none scorer], "classes": [{"id", "name", "prob"}], "added":
+//!   score per patch, row-major; empty for the none scorer], "classes": [{"id", "wnid", "name", "prob"}], "added":
 //!   [classes added to the caption, same shape], "image_size": S, "source_meta": the input's own KEY.json or
 //!   null}`.
 //!
@@ -311,7 +311,7 @@ mod tests {
             patches: patchify(&pixels, s, 4, kept),
             positions: kept.to_vec(),
             scores: vec![0.5; (s / 4) * (s / 4)],
-            classes: vec![Class { id: 3, name: "tiger shark".into(), prob: 0.25 }],
+            classes: vec![Class { id: Some(3), wnid: "n01491361".into(), name: "tiger shark".into(), prob: 0.25 }],
             caption: None,
             enriched: "a photo of tiger shark".into(),
             added: vec![],

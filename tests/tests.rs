@@ -3,6 +3,7 @@
 mod bench;
 mod cache;
 mod cli;
+mod labels;
 mod mobilenet;
 mod pipeline;
 mod source;

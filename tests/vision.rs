@@ -15,7 +15,7 @@ use juicer::decode::{DecodeConfig, Decoder};
 use juicer::model::mobilenet_v2;
 use juicer::rng::SplitMix64;
 use juicer::source::{ReadOptions, ShardWriter, resolve};
-use juicer::vision::{Candidate, Vocabulary, cam, select_classes};
+use juicer::vision::{Candidate, ExtractRule, Vocabulary, cam, select_classes};
 use juicer::{Class, DeviceSpec, Error, JuicedBatch, Juicer, JuicerBuilder, ScorerSpec, Summary};
 
 use crate::util::{fixtures, specs};
@@ -66,11 +66,11 @@ fn run(loader: &Juicer<JuicedBatch>) -> Epoch {
 }
 
 fn ids(classes: &[Class]) -> BTreeSet<u32> {
-    classes.iter().map(|c| c.id).collect()
+    classes.iter().filter_map(|c| c.id).collect()
 }
 
 fn names(classes: &[Class]) -> Vec<String> {
-    classes.iter().map(|c| format!("{} {} ({:.2})", c.id, c.name, c.prob)).collect()
+    classes.iter().map(|c| format!("{:?} {} ({:.2})", c.id, c.name, c.prob)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -223,6 +223,7 @@ fn composed_builder(shards: Vec<String>) -> JuicerBuilder {
         .shuffle_buffer(0)
         .decode_workers(2)
         .capacity(8)
+        .extract(ExtractRule::Flat)
         .keep_ratio(0.5)
 }
 
@@ -320,6 +321,7 @@ fn fixture_builder() -> JuicerBuilder {
         .shuffle_buffer(24)
         .capacity(8)
         .scorer(ScorerSpec::Cam)
+        .extract(ExtractRule::Flat)
 }
 
 /// The cam epochs several tests read: keep 1.0 (every candidate passes) and keep 0.5 (three decode workers).
@@ -421,18 +423,19 @@ fn extract_drops_exactly_the_classes_whose_evidence_was_pruned() {
         let candidates: Vec<&Candidate> = r.candidates.iter().filter(|c| c.prob >= MIN_PROB).collect();
         assert_eq!(
             full.classes.iter().map(|c| c.id).collect::<Vec<_>>(),
-            candidates.iter().map(|c| c.id).collect::<Vec<_>>(),
+            candidates.iter().map(|c| Some(c.id)).collect::<Vec<_>>(),
             "{key}: full-image classes"
         );
         for (c, cand) in full.classes.iter().zip(&candidates) {
-            assert!((c.prob - cand.prob).abs() < 1e-4, "{key}: {} prob {} vs reference {}", c.id, c.prob, cand.prob);
-            assert_eq!(Some(c.name.clone()), Vocabulary::imagenet().name(c.id));
+            assert!((c.prob - cand.prob).abs() < 1e-4, "{key}: {:?} prob {} vs reference {}", c.id, c.prob, cand.prob);
+            assert_eq!(Some(c.name.clone()), Vocabulary::imagenet().unwrap().name(cand.id));
         }
 
         // Keep 0.5: a subset (same ids, names, probabilities, order) ...
         assert!(ids(&half.classes).is_subset(&ids(&full.classes)), "{key}: {:?} ⊄ {:?}", half.classes, full.classes);
         let kept_ids = ids(&half.classes);
-        let subset: Vec<Class> = full.classes.iter().filter(|c| kept_ids.contains(&c.id)).cloned().collect();
+        let subset: Vec<Class> =
+            full.classes.iter().filter(|c| c.id.is_some_and(|i| kept_ids.contains(&i))).cloned().collect();
         assert_eq!(half.classes, subset, "{key}");
         // ... missing exactly the candidates with less than `need` of their evidence inside the kept patches.
         let mut report = Vec::new();
@@ -442,17 +445,21 @@ fn extract_drops_exactly_the_classes_whose_evidence_was_pruned() {
             let f = evidence_share(&cand.map, &half.kept);
             report.push(format!("{} {:.1}%", c.name, 100.0 * f));
             if (f - need).abs() < BORDER {
-                border.insert(c.id);
+                border.insert(cand.id);
                 borderline.push(format!("{key}: {} {f:.6}", c.name));
             } else if f >= need {
-                expected.insert(c.id);
+                expected.insert(cand.id);
             }
         }
         let decided: BTreeSet<u32> = kept_ids.difference(&border).copied().collect();
         assert_eq!(decided, expected, "{key}: evidence inside the kept patches {report:?}");
 
-        let lost: Vec<String> =
-            full.classes.iter().filter(|c| !kept_ids.contains(&c.id)).map(|c| c.name.clone()).collect();
+        let lost: Vec<String> = full
+            .classes
+            .iter()
+            .filter(|c| !c.id.is_some_and(|i| kept_ids.contains(&i)))
+            .map(|c| c.name.clone())
+            .collect();
         let line = format!("{key:<40} {report:?}");
         match (full.classes.is_empty(), lost.is_empty()) {
             (true, _) => no_class.push(key.clone()),
@@ -482,7 +489,8 @@ fn map_with_share(share: f32, k: usize) -> Vec<f32> {
 
 fn select_ids(cands: &[Candidate], kept: usize, top_k: usize, margin: f32) -> Vec<u32> {
     let kept: Vec<u32> = (0..kept as u32).collect();
-    select_classes(cands, &kept, 16, top_k, MIN_PROB, margin, &Vocabulary::imagenet()).iter().map(|c| c.id).collect()
+    let vocabulary = Vocabulary::imagenet().unwrap();
+    select_classes(cands, &kept, 16, top_k, MIN_PROB, margin, &vocabulary).iter().filter_map(|c| c.id).collect()
 }
 
 #[test]
@@ -492,10 +500,11 @@ fn select_classes_keeps_a_class_only_with_enough_evidence_inside() {
     let koala = candidate(105, 0.3, map_with_share(0.5625, 8)); // 56.25 %: dropped
     let jaguar = candidate(290, 0.2, map_with_share(0.625, 8)); // exactly 62.5 %: kept
     let all = [panda.clone(), koala.clone(), jaguar.clone()];
-    let classes = select_classes(&all, &(0..8).collect::<Vec<_>>(), 16, 3, MIN_PROB, MARGIN, &Vocabulary::imagenet());
+    let vocabulary = Vocabulary::imagenet().unwrap();
+    let classes = select_classes(&all, &(0..8).collect::<Vec<_>>(), 16, 3, MIN_PROB, MARGIN, &vocabulary);
     assert_eq!(
         classes.iter().map(|c| (c.id, c.name.as_str(), c.prob)).collect::<Vec<_>>(),
-        vec![(388, "giant panda", 0.6), (290, "jaguar", 0.2)]
+        vec![(Some(388), "giant panda", 0.6), (Some(290), "jaguar", 0.2)]
     );
     // Every class passes at ρ = 1; none at ρ = 1/16 with these maps.
     assert_eq!(select_ids(&all, 16, 3, MARGIN), vec![388, 105, 290]);
@@ -609,8 +618,12 @@ fn vocabulary_restricts_and_renames_classes() {
         let (o, r) = (&open.out[key], &restricted.out[key]);
         println!("{key:<24} imagenet {:?} -> vocabulary {:?}", names(&o.classes), names(&r.classes));
         assert_eq!((&o.scores, &o.kept), (&r.scores, &r.kept), "{key}: a vocabulary changes classes only");
-        let expected: Vec<Class> =
-            o.classes.iter().filter(|c| c.id == 388).map(|c| Class { name: "panda".into(), ..c.clone() }).collect();
+        let expected: Vec<Class> = o
+            .classes
+            .iter()
+            .filter(|c| c.id == Some(388))
+            .map(|c| Class { name: "panda".into(), ..c.clone() })
+            .collect();
         assert_eq!(r.classes, expected, "{key}");
         if key == "animals-giant_panda" {
             assert_eq!(r.classes.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["panda"]);

@@ -83,18 +83,12 @@ fn f32s(v: &Value) -> Vec<f32> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().map_or(f32::NAN, |x| x as f32)).collect()
 }
 
-/// Classes as comparable `(id, name, prob as f32)`.
-fn classes(v: &Value) -> Vec<(u64, String, f32)> {
+/// Classes as comparable `(id, name, prob as f32)` (`id` null for a hypernym).
+fn classes(v: &Value) -> Vec<(Option<u64>, String, f32)> {
     v.as_array()
         .expect("classes array")
         .iter()
-        .map(|c| {
-            (
-                c["id"].as_u64().expect("id"),
-                c["name"].as_str().expect("name").into(),
-                c["prob"].as_f64().expect("prob") as f32,
-            )
-        })
+        .map(|c| (c["id"].as_u64(), c["name"].as_str().expect("name").into(), c["prob"].as_f64().expect("prob") as f32))
         .collect()
 }
 

@@ -14,9 +14,9 @@ use crate::plan::{EpochSize, World};
 use crate::rng::{derive, hash_str};
 use crate::sample::JuicedSample;
 use crate::source::{ReadOptions, Shard, resolve};
-use crate::vision::ScorerSpec;
 use crate::vision::cache::ScoreCacheConfig;
 use crate::vision::prune::{KeepPolicy, PruneConfig};
+use crate::vision::{ExtractRule, ScorerSpec};
 
 /// Builder of a [`Juicer`]: sources plus configuration verbs, as burn's `DataLoaderBuilder`.
 #[derive(Debug, Clone)]
@@ -84,9 +84,11 @@ impl JuicerBuilder {
         scorer: ScorerSpec => vision.scorer);
     verb!(/// Keep policy and bounds.
         prune: PruneConfig => vision.prune);
-    verb!(/// Candidate classes per image.
+    verb!(/// How concepts are chosen: the tree rule (default) or the flat rule.
+        extract: ExtractRule => vision.extract);
+    verb!(/// Candidate classes per image of the flat rule.
         top_k: usize => vision.top_k);
-    verb!(/// Minimum class probability.
+    verb!(/// Minimum class probability of the flat rule.
         min_prob: f32 => vision.min_prob);
     verb!(/// Items per model micro-batch.
         micro_batch: usize => vision.micro_batch);
@@ -106,6 +108,26 @@ impl JuicerBuilder {
         self
     }
 
+    /// The tree rule with this threshold on the calibrated summed probability (keeps the temperature).
+    pub fn class_threshold(mut self, threshold: f32) -> Self {
+        self.config.vision.extract = match self.config.vision.extract {
+            ExtractRule::Tree { temperature, confident, .. } => ExtractRule::Tree { threshold, temperature, confident },
+            ExtractRule::Flat => ExtractRule::Tree {
+                threshold,
+                temperature: crate::vision::extract::DEFAULT_TEMPERATURE,
+                confident: crate::vision::extract::DEFAULT_CONFIDENT,
+            },
+        };
+        self
+    }
+
+    /// Under the tree rule, also names a second concept unrelated to the first when its summed probability
+    /// reaches `threshold` and its evidence lies apart from the first one's.
+    pub fn second_threshold(mut self, threshold: f32) -> Self {
+        self.config.vision.second_threshold = Some(threshold);
+        self
+    }
+
     /// Keeps this fraction of the patches (the `ratio` policy).
     pub fn keep_ratio(mut self, ratio: f32) -> Self {
         self.config.vision.prune.policy = KeepPolicy::Ratio(ratio);
@@ -118,7 +140,8 @@ impl JuicerBuilder {
         self
     }
 
-    /// A JSON vocabulary `{"<class id>": "<name>"}` restricting and renaming the extracted classes.
+    /// A JSON vocabulary `{"<class id or wnid>": "<name>" | ["<name>", ...]}` restricting and renaming the
+    /// extracted concepts (see [`crate::vision::vocabulary`]).
     pub fn vocabulary(mut self, path: impl Into<std::path::PathBuf>) -> Self {
         self.config.vision.vocabulary = Some(path.into());
         self

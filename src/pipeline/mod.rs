@@ -6,13 +6,13 @@
 //! long as the returned iterator or stream.
 //!
 //! One concern per file:
-//! - this file: [`Juicer`] (shards, epochs, resume) and [`JuicerIter`] (one epoch in progress);
-//! - [`config`]: [`Config`] and [`LastStage`];
-//! - [`builder`]: [`JuicerBuilder`];
-//! - `models`: model loading at build time and the score cache's namespace;
-//! - `topology`: the stage graph of one epoch, wired in diagram order;
-//! - `sink`: the ordered sink ([`BatchSink`](sink) accounting, checkpoint mirror, batching) and [`Summary`];
-//! - `loader`: burn's `DataLoader` trait.
+//! - `mod.rs`: [`Juicer`] (shards, epochs, resume) and [`JuicerIter`] (one epoch in progress);
+//! - `config.rs`: [`Config`] and [`LastStage`];
+//! - `builder.rs`: [`JuicerBuilder`];
+//! - `models.rs`: model loading at build time and the score cache's namespace;
+//! - `topology.rs`: the stage graph of one epoch, wired in diagram order;
+//! - `sink.rs`: the ordered sink (accounting, checkpoint mirror, batching) and [`Summary`];
+//! - `loader.rs`: burn's `DataLoader` trait.
 
 mod builder;
 mod config;

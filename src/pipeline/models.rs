@@ -41,7 +41,7 @@ impl Models {
     pub(crate) fn load(config: &mut Config, device: &Device) -> Result<Self> {
         let v = &config.vision;
         let classifier = Classifier::load(v.classifier_weights.as_deref(), device)?;
-        let mut vocabulary = Vocabulary::imagenet();
+        let mut vocabulary = Vocabulary::imagenet()?;
         if let Some(path) = &v.vocabulary {
             vocabulary = vocabulary.restrict_with(path)?;
         }
@@ -92,8 +92,8 @@ fn cache_namespace(config: &Config) -> Result<String> {
     };
     let d = &config.decode;
     Ok(format!(
-        "juicer score cache v1; scorer={}; weights={weights:016x}; image_size={}; resize_size={:?}; mean={:?}; \
-         std={:?}; patch={}; cam_top={}; top_k={}",
+        "juicer score cache v2; scorer={}; weights={weights:016x}; image_size={}; resize_size={:?}; mean={:?}; \
+         std={:?}; patch={}; cam_top={}; candidates={}",
         v.scorer.name(),
         d.image_size,
         d.resize_size,
@@ -101,6 +101,6 @@ fn cache_namespace(config: &Config) -> Result<String> {
         d.std,
         config.patch_size,
         v.cam_top,
-        v.top_k
+        v.extract.candidates(v.top_k)
     ))
 }

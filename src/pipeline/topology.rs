@@ -146,9 +146,11 @@ fn stages(
 
     let extract = Extract {
         classifier: None,
+        rule: v.extract,
         top_k: v.top_k,
         min_prob: v.min_prob,
         margin: v.margin,
+        second_threshold: v.second_threshold,
         vocabulary: m.vocabulary.clone(),
         input_norm: m.input_norm,
     };
@@ -174,7 +176,8 @@ fn score(graph: &mut Graph, decoded: Edge<Decoded>, cfg: &Config, m: &Models, de
     let cache = m.score_cache.as_ref();
     match &v.scorer {
         ScorerSpec::Cam => {
-            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k: v.top_k };
+            let top_k = v.extract.candidates(v.top_k);
+            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k };
             model_scorer(graph, decoded, stage, cache, patch, v)
         }
         ScorerSpec::Attention(_) => {
@@ -243,7 +246,7 @@ trait Unfinished: Send + 'static {
 impl Unfinished for Decoded {
     fn pruned(self, patch: usize) -> Pruned {
         let grid = grid(self.size, patch);
-        Pruned::keep_all(Scored { sample: self, grid, patch, scores: Vec::new(), candidates: None })
+        Pruned::keep_all(Scored { sample: self, grid, patch, scores: Vec::new(), probs: Vec::new(), candidates: None })
     }
 }
 

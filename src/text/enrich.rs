@@ -58,6 +58,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::phrase;
 use crate::error::{Error, Result};
 use crate::rng::{SplitMix64, derive, hash_str};
 use crate::sample::Class;
@@ -73,9 +74,12 @@ const SPECIAL_TOKENS: usize = 2;
 /// Settings of the enrich stage.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnrichConfig {
-    /// Template for a sample with a caption; must contain `{caption}` and `{classes}`.
+    /// Template for a sample whose caption does not end a sentence; must contain `{caption}` and `{classes}`.
     /// Default `"{caption}, with {classes}"`.
     pub template: String,
+    /// Template for a sample whose caption ends a sentence (`.`, `!`, `?`, ...); must contain `{caption}` and
+    /// `{classes}`. Default `"{caption} Pictured: {classes}."`.
+    pub sentence_template: String,
     /// Template for a sample without a (non-blank) caption; must contain `{classes}` and not `{caption}`.
     /// Default `"a photo of {classes}"`.
     pub empty_template: String,
@@ -84,15 +88,21 @@ pub struct EnrichConfig {
     /// Token context of the text encoder, special tokens included (CLIP: 77). The enriched text is fitted into
     /// it (see the module docs). Default 77.
     pub context: usize,
+    /// A class at least this probable is still added when the caption names it only by a broader word ("a
+    /// lizard on a branch" gains "an African chameleon"); a less probable class, or a hypernym, named that way is
+    /// not. Default 0.7 (the tree rule's default threshold).
+    pub specific_prob: f32,
 }
 
 impl Default for EnrichConfig {
     fn default() -> Self {
         Self {
             template: "{caption}, with {classes}".into(),
+            sentence_template: "{caption} Pictured: {classes}.".into(),
             empty_template: "a photo of {classes}".into(),
             mix: 1.0,
             context: crate::sample::CONTEXT,
+            specific_prob: 0.7,
         }
     }
 }
@@ -101,11 +111,13 @@ impl EnrichConfig {
     /// Every problem with these settings.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if !self.template.contains(CLASSES) {
-            p.push(format!("enrich template `{}` has no {CLASSES}", self.template));
-        }
-        if !self.template.contains(CAPTION) {
-            p.push(format!("enrich template `{}` has no {CAPTION}", self.template));
+        for (name, t) in [("template", &self.template), ("sentence_template", &self.sentence_template)] {
+            if !t.contains(CLASSES) {
+                p.push(format!("enrich {name} `{t}` has no {CLASSES}"));
+            }
+            if !t.contains(CAPTION) {
+                p.push(format!("enrich {name} `{t}` has no {CAPTION}"));
+            }
         }
         if !self.empty_template.contains(CLASSES) {
             p.push(format!("enrich empty_template `{}` has no {CLASSES}", self.empty_template));
@@ -118,6 +130,9 @@ impl EnrichConfig {
         }
         if !(0.0..=1.0).contains(&self.mix) {
             p.push(format!("enrich mix {} is outside [0, 1]", self.mix));
+        }
+        if !(0.0..=1.0).contains(&self.specific_prob) {
+            p.push(format!("enrich specific_prob {} is outside [0, 1]", self.specific_prob));
         }
         if self.context <= SPECIAL_TOKENS {
             p.push(format!("enrich context {} leaves no room for text (the special tokens take 2)", self.context));
@@ -156,7 +171,7 @@ impl Enricher {
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        Ok(Self { config, vocabulary: Vocabulary::imagenet(), seed })
+        Ok(Self { config, vocabulary: Vocabulary::imagenet()?, seed })
     }
 
     /// Replaces the synonym table (index: class id) for a custom vocabulary. A class's own name always counts
@@ -220,12 +235,12 @@ impl Enricher {
         if todo.is_empty() {
             return original();
         }
-        let names: Vec<&str> = todo.iter().map(|c| c.name.trim()).collect();
+        let names: Vec<String> = todo.iter().map(|c| phrase::with_article(&c.name)).collect();
         let fits = |text: &str| count_tokens(text).saturating_add(SPECIAL_TOKENS) <= self.config.context;
 
         if let Some(body) = body {
-            let joined = join_names(&names);
-            let full = render(&self.config.template, body, &joined);
+            let joined = phrase::join(&names);
+            let full = self.compose(body, &joined);
             if fits(&full) {
                 return enriched(full, todo, 0);
             }
@@ -233,72 +248,72 @@ impl Enricher {
             let prefix = |k: usize| trim_cut(&body[..cuts[k - 1]]);
             let k = largest_fitting(cuts.len(), |k| {
                 let p = prefix(k);
-                !p.is_empty() && fits(&render(&self.config.template, p, &joined))
+                !p.is_empty() && fits(&self.compose(p, &joined))
             });
             if k > 0 {
-                return enriched(render(&self.config.template, prefix(k), &joined), todo, 0);
+                return enriched(self.compose(prefix(k), &joined), todo, 0);
             }
         }
-        let m =
-            largest_fitting(names.len(), |m| fits(&render(&self.config.empty_template, "", &join_names(&names[..m]))));
+        let empty = |m: usize| render(&self.config.empty_template, "", &phrase::join(&names[..m]), false);
+        let m = largest_fitting(names.len(), |m| fits(&empty(m)));
         if m == 0 {
             return Enriched { truncated_classes: todo.len(), ..original() };
         }
-        let text = render(&self.config.empty_template, "", &join_names(&names[..m]));
+        let text = empty(m);
         let truncated = todo.len() - m;
         todo.truncate(m);
         enriched(text, todo, truncated)
     }
 
-    /// For each class, whether the caption mentions one of its synonyms (whole words, plurals, any case).
+    /// The caption (or a cut prefix of it) with the class phrase: the sentence template when the caption ends
+    /// a sentence, else the template, without doubling a comma the caption already ends with.
+    fn compose(&self, caption: &str, classes: &str) -> String {
+        let template =
+            if phrase::ends_sentence(caption) { &self.config.sentence_template } else { &self.config.template };
+        render(template, caption, classes, phrase::ends_clause(caption))
+    }
+
+    /// For each class, whether the caption already names it (module docs, rule 3): one of its own words or a
+    /// word of anything below it; or a broader word, unless the class is a confident specific one.
     fn mentioned(&self, caption: &str, classes: &[Class]) -> Vec<bool> {
-        // Patterns: lowercase word sequences, the last word in each of its plural forms; indexed by first word.
-        let mut patterns: Vec<(usize, Vec<String>)> = Vec::new();
-        for (i, class) in classes.iter().enumerate() {
-            let own = std::iter::once(class.name.as_str());
-            let mut seen = HashSet::new();
-            for synonym in own.chain(self.synonyms(class.id).iter().map(String::as_str)) {
-                let lower = synonym.to_lowercase();
-                let words: Vec<&str> = words(&lower).collect();
-                let Some((last, init)) = words.split_last() else { continue };
-                for form in plural_forms(last) {
-                    let mut pattern: Vec<String> = init.iter().map(|w| w.to_string()).collect();
-                    pattern.push(form);
-                    if seen.insert(pattern.clone()) {
-                        patterns.push((i, pattern));
-                    }
-                }
-            }
-        }
-        let mut by_first: HashMap<&str, Vec<usize>> = HashMap::new();
-        for (p, (_, pattern)) in patterns.iter().enumerate() {
-            if let Some(first) = pattern.first() {
-                by_first.entry(first.as_str()).or_default().push(p);
-            }
-        }
-        let mut found = vec![false; classes.len()];
-        let mut missing = classes.len();
         let lower = caption.to_lowercase();
         let caption_words: Vec<&str> = words(&lower).collect();
-        for (at, word) in caption_words.iter().enumerate() {
-            let Some(candidates) = by_first.get(word) else { continue };
-            for &p in candidates {
-                let (class, pattern) = &patterns[p];
-                if found[*class] {
-                    continue;
+        classes
+            .iter()
+            .map(|class| {
+                let terms = self.vocabulary.mention_terms(class);
+                let own = std::iter::once(class.name.as_str()).chain(terms.own.iter().map(String::as_str));
+                if contains_any(&caption_words, own) {
+                    return true;
                 }
-                let rest = &caption_words[at..];
-                if rest.len() >= pattern.len() && pattern.iter().zip(rest).all(|(a, b)| a == b) {
-                    found[*class] = true;
-                    missing -= 1;
-                    if missing == 0 {
-                        return found;
-                    }
-                }
-            }
-        }
-        found
+                let specific = class.id.is_some() && class.prob >= self.config.specific_prob;
+                !specific && contains_any(&caption_words, terms.above.iter().map(String::as_str))
+            })
+            .collect()
     }
+}
+
+/// Whether `caption_words` (lowercased) contain any of `terms` as consecutive whole words, the last word in any of
+/// its plural forms.
+fn contains_any<'a>(caption_words: &[&str], terms: impl Iterator<Item = &'a str>) -> bool {
+    // Patterns indexed by their first word, so the scan is linear in the caption's length.
+    let mut by_first: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+    for term in terms {
+        let lower = term.to_lowercase();
+        let words: Vec<&str> = words(&lower).collect();
+        let Some((last, init)) = words.split_last() else { continue };
+        for form in plural_forms(last) {
+            let mut pattern: Vec<String> = init.iter().map(|w| w.to_string()).collect();
+            pattern.push(form);
+            by_first.entry(pattern[0].clone()).or_default().push(pattern);
+        }
+    }
+    caption_words.iter().enumerate().any(|(at, word)| {
+        by_first.get(*word).is_some_and(|patterns| {
+            let rest = &caption_words[at..];
+            patterns.iter().any(|p| rest.len() >= p.len() && p.iter().zip(rest).all(|(a, b)| a == b))
+        })
+    })
 }
 
 /// An enriched outcome.
@@ -306,35 +321,29 @@ fn enriched(text: String, added: Vec<Class>, truncated_classes: usize) -> Enrich
     Enriched { text, added, mixed: true, truncated_classes }
 }
 
-/// The classes in order, without blank names and without a repeated id or (lowercased, trimmed) name.
+/// The classes in order, without blank names and without a repeated concept (class id or WordNet id) or
+/// (lowercased, trimmed) name.
 fn dedupe(classes: &[Class]) -> Vec<Class> {
-    let mut ids = HashSet::new();
+    let mut concepts = HashSet::new();
     let mut names = HashSet::new();
     let mut out = Vec::new();
     for class in classes {
         let name = class.name.trim().to_lowercase();
-        if name.is_empty() || ids.contains(&class.id) || names.contains(&name) {
+        let concept = (class.id, if class.id.is_some() { "" } else { class.wnid.as_str() });
+        if name.is_empty() || concepts.contains(&concept) || names.contains(&name) {
             continue;
         }
-        ids.insert(class.id);
+        concepts.insert(concept);
         names.insert(name);
         out.push(class.clone());
     }
     out
 }
 
-/// Joins names as "a", "a and b", "a, b and c".
-fn join_names(names: &[&str]) -> String {
-    match names {
-        [] => String::new(),
-        [one] => (*one).to_string(),
-        [init @ .., last] => format!("{} and {last}", init.join(", ")),
-    }
-}
-
 /// Renders a template in one pass: `{caption}` and `{classes}` are replaced, any other text (other braces
-/// included) is kept; substituted text is never scanned again.
-fn render(template: &str, caption: &str, classes: &str) -> String {
+/// included) is kept; substituted text is never scanned again. With `caption_ends_clause`, a comma right after
+/// `{caption}` in the template is left out (the caption already ends with clause punctuation).
+fn render(template: &str, caption: &str, classes: &str, caption_ends_clause: bool) -> String {
     let mut out = String::with_capacity(template.len() + caption.len() + classes.len());
     let mut rest = template;
     while let Some(pos) = rest.find('{') {
@@ -342,7 +351,7 @@ fn render(template: &str, caption: &str, classes: &str) -> String {
         let tail = &rest[pos..];
         if let Some(after) = tail.strip_prefix(CAPTION) {
             out.push_str(caption);
-            rest = after;
+            rest = if caption_ends_clause { after.strip_prefix(',').unwrap_or(after) } else { after };
         } else if let Some(after) = tail.strip_prefix(CLASSES) {
             out.push_str(classes);
             rest = after;
@@ -488,7 +497,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     fn class(id: u32, name: &str) -> Class {
-        Class { id, name: name.to_string(), prob: 0.5 }
+        Class { id: Some(id), wnid: String::new(), name: name.to_string(), prob: 0.5 }
     }
 
     /// Whitespace word counter.
@@ -556,6 +565,7 @@ mod tests {
             empty_template: "{caption} {classes}".into(),
             mix: 1.5,
             context: 2,
+            ..EnrichConfig::default()
         };
         assert_eq!(bad.problems().len(), 4, "{:?}", bad.problems());
         let no_caption = EnrichConfig { template: "with {classes}".into(), mix: f32::NAN, ..c.clone() };
@@ -566,8 +576,8 @@ mod tests {
     #[test]
     fn imagenet_synonym_table() {
         let e = enricher(1.0, 77);
-        assert_eq!(e.synonyms(999), ["toilet tissue"]);
-        assert_eq!(e.synonyms(388), ["giant panda"]);
+        assert_eq!(e.synonyms(999)[0], "toilet tissue");
+        assert_eq!(e.synonyms(388)[0], "giant panda");
         assert!(e.synonyms(5000).is_empty());
         // A class is mentioned through its ImageNet label even when renamed by a vocabulary.
         let out = e.enrich("k", 0, Some("a giant panda eating"), &[class(388, "panda bear")], &ws);
@@ -576,22 +586,13 @@ mod tests {
     }
 
     #[test]
-    fn joins_names() {
-        assert_eq!(join_names(&[]), "");
-        assert_eq!(join_names(&["a"]), "a");
-        assert_eq!(join_names(&["a", "b"]), "a and b");
-        assert_eq!(join_names(&["a", "b", "c"]), "a, b and c");
-        assert_eq!(join_names(&["a", "b", "c", "d"]), "a, b, c and d");
-    }
-
-    #[test]
     fn renders_in_one_pass() {
         assert_eq!(
-            render("{caption}, with {classes}", "x {classes} {caption}", "y {caption}"),
+            render("{caption}, with {classes}", "x {classes} {caption}", "y {caption}", false),
             "x {classes} {caption}, with y {caption}"
         );
-        assert_eq!(render("{{classes}} {cap", "c", "k"), "{k} {cap");
-        assert_eq!(render("é{classes}ü", "", "k"), "ékü");
+        assert_eq!(render("{{classes}} {cap", "c", "k", false), "{k} {cap");
+        assert_eq!(render("é{classes}ü", "", "k", false), "ékü");
     }
 
     #[test]
@@ -654,12 +655,54 @@ mod tests {
         assert!(!m("", class(0, "tabby")));
     }
 
+    /// An ImageNet concept as the tree rule emits it.
+    fn concept(wnid: &str, prob: f32) -> Class {
+        let h = crate::vision::hierarchy::Hierarchy::imagenet().unwrap();
+        let id = h.by_wnid(wnid).unwrap();
+        let c = h.concept(id).unwrap();
+        Class { id: c.class, wnid: wnid.into(), name: c.name.clone(), prob }
+    }
+
+    #[test]
+    fn mentions_through_synonyms_hypernyms_and_hyponyms() {
+        let e = enricher(1.0, 77);
+        let chameleon = |p| concept("n01694178", p); // African chameleon (class 47)
+        let lizard = concept("n01674464", 0.9); // a hypernym
+        let add = |caption: &str, c: Class| e.enrich("k", 0, Some(caption), &[c], &ws).text;
+        // A synonym of the class itself: nothing to add.
+        assert_eq!(add("A chameleon on a branch", chameleon(0.9)), "A chameleon on a branch");
+        // A hyponym names the hypernym: "agama" is a lizard.
+        assert_eq!(add("An agama basking", lizard.clone()), "An agama basking");
+        assert_eq!(add("Two lizards basking", lizard.clone()), "Two lizards basking");
+        // A hypernym names the class coarsely: a confident class is still added, a doubtful one is not.
+        assert_eq!(add("A lizard on a branch", chameleon(0.9)), "A lizard on a branch, with an African chameleon");
+        assert_eq!(add("A lizard on a branch", chameleon(0.5)), "A lizard on a branch");
+        // Unrelated words mention nothing.
+        assert_eq!(add("A branch", lizard), "A branch, with a lizard");
+    }
+
+    #[test]
+    fn phrasing_keeps_the_caption_and_reads_as_english() {
+        let e = enricher(1.0, 77);
+        let agama = concept("n01687978", 0.9);
+        let add = |caption: &str| e.enrich("k", 0, Some(caption), std::slice::from_ref(&agama), &ws).text;
+        assert_eq!(add("It changes colour in seconds."), "It changes colour in seconds. Pictured: an agama.");
+        assert_eq!(add("Is it fast?"), "Is it fast? Pictured: an agama.");
+        assert_eq!(add("On a branch,"), "On a branch, with an agama");
+        assert_eq!(add("On a branch;"), "On a branch; with an agama");
+        assert_eq!(add("On a branch"), "On a branch, with an agama");
+        for caption in ["It changes colour in seconds.", "On a branch,", "(see below.)"] {
+            let text = add(caption);
+            assert!(text.starts_with(caption) && !text.contains(".,") && !text.contains(",,"), "{text}");
+        }
+    }
+
     #[test]
     fn adds_unmentioned_classes() {
         let e = pets();
         let classes = [class(0, "tabby"), class(1, "dog"), class(3, "butterfly"), class(4, "wolf")];
         let out = e.enrich("k", 0, Some("A Dog chasing butterflies\n"), &classes, &ws);
-        assert_eq!(out.text, "A Dog chasing butterflies, with tabby and wolf");
+        assert_eq!(out.text, "A Dog chasing butterflies, with a tabby and a wolf");
         assert_eq!(names(&out.added), ["tabby", "wolf"]);
         assert!(out.mixed);
         assert_eq!(out.truncated_classes, 0);
@@ -678,8 +721,8 @@ mod tests {
             class(8, "  "),
         ];
         let out = e.enrich("k", 0, Some("a photo"), &classes, &ws);
-        assert_eq!(out.text, "a photo, with tabby, wolf and crane");
-        assert_eq!(out.added.iter().map(|c| c.id).collect::<Vec<_>>(), [0, 4, 134]);
+        assert_eq!(out.text, "a photo, with a tabby, a wolf and a crane");
+        assert_eq!(out.added.iter().map(|c| c.id).collect::<Vec<_>>(), [Some(0), Some(4), Some(134)]);
     }
 
     #[test]
@@ -688,7 +731,7 @@ mod tests {
         let classes = [class(0, "tabby"), class(1, "dog"), class(4, "wolf")];
         for caption in [None, Some(""), Some("  \n\t ")] {
             let out = e.enrich("k", 0, caption, &classes, &ws);
-            assert_eq!(out.text, "a photo of tabby, dog and wolf");
+            assert_eq!(out.text, "a photo of a tabby, a dog and a wolf");
             assert_eq!(out.added.len(), 3);
             assert!(out.mixed);
         }
@@ -721,7 +764,7 @@ mod tests {
             let b = e.enrich(&key, 2, Some("a horse"), &classes, &ws);
             assert_eq!(a, b);
             assert_eq!(a.mixed, e.draws_enriched(&key, 2));
-            assert_eq!(a.text, if a.mixed { "a horse, with zebra" } else { "a horse" });
+            assert_eq!(a.text, if a.mixed { "a horse, with a zebra" } else { "a horse" });
             chosen += usize::from(a.mixed);
             differs_by_epoch += usize::from(a.mixed != e.draws_enriched(&key, 3));
         }
@@ -744,7 +787,7 @@ mod tests {
             let key = i.to_string();
             assert_eq!(off.enrich(&key, i, Some(" a horse "), &classes, &ws).text, " a horse ");
             assert_eq!(off.enrich(&key, i, None, &classes, &ws).text, "");
-            assert_eq!(on.enrich(&key, i, Some(" a horse "), &classes, &ws).text, "a horse, with zebra");
+            assert_eq!(on.enrich(&key, i, Some(" a horse "), &classes, &ws).text, "a horse, with a zebra");
         }
     }
 
@@ -754,23 +797,23 @@ mod tests {
         let caption = "one two three four five six, seven eight nine ten eleven twelve";
         let classes = [class(1, "zebra"), class(2, "fire truck")];
         let out = e.enrich("k", 0, Some(caption), &classes, &ws);
-        // 11 words fit: "one … six, with zebra and fire truck" is 6 + 5 words; the cut drops "six"'s comma.
-        assert_eq!(out.text, "one two three four five six, with zebra and fire truck");
+        // 11 words fit: "one … four, with a zebra and a fire truck" is 4 + 7 words.
+        assert_eq!(out.text, "one two three four, with a zebra and a fire truck");
         assert!(ws(&out.text) + 2 <= 13);
         assert_eq!((out.added.len(), out.truncated_classes), (2, 0));
         // A caption that fits is kept whole.
         let out = e.enrich("k", 0, Some("one two three"), &classes, &ws);
-        assert_eq!(out.text, "one two three, with zebra and fire truck");
+        assert_eq!(out.text, "one two three, with a zebra and a fire truck");
     }
 
     #[test]
     fn overflow_drops_the_caption_then_the_last_classes() {
         let classes = [class(1, "zebra"), class(2, "fire truck"), class(3, "sea lion")];
-        // Context 9 = 7 words: "a photo of zebra, fire truck and sea lion" is 9 words; without the caption
-        // the two first classes fit ("a photo of zebra and fire truck").
-        let e = enricher(1.0, 9);
+        // Context 11 = 9 words: "a photo of a zebra, a fire truck and a sea lion" is 12 words; without the
+        // caption the two first classes fit ("a photo of a zebra and a fire truck").
+        let e = enricher(1.0, 11);
         let out = e.enrich("k", 0, Some("some caption words"), &classes, &ws);
-        assert_eq!(out.text, "a photo of zebra and fire truck");
+        assert_eq!(out.text, "a photo of a zebra and a fire truck");
         assert_eq!((names(&out.added), out.truncated_classes), (vec!["zebra", "fire truck"], 1));
         // Not even one class fits: the original stays, every class reported.
         let e = enricher(1.0, 5);
@@ -793,13 +836,14 @@ mod tests {
         assert!(bpe_like(&out.text) + 2 <= 77, "{}", out.text);
         assert_eq!(names(&out.added), ["container ship", "pelican", "dock"]);
         assert_eq!(out.truncated_classes, 0);
-        let cut = out.text.strip_suffix(", with container ship, pelican and dock");
+        let cut = out.text.strip_suffix(", with a container ship, a pelican and a dock");
         let Some(cut) = cut else { panic!("{}", out.text) };
         assert!(caption.starts_with(cut) && cut.len() > 100, "{cut}");
         assert!(!cut.ends_with([',', ' ', ';', ':']), "{cut}");
         // The longest prefix was kept: one more word would not fit.
         let next = caption[cut.len()..].trim_start_matches([',', ' ', ';', ':', '(', '—']);
-        let more = next.split_whitespace().next().map(|w| format!("{cut} {w}, with container ship, pelican and dock"));
+        let more =
+            next.split_whitespace().next().map(|w| format!("{cut} {w}, with a container ship, a pelican and a dock"));
         assert!(more.is_some_and(|t| bpe_like(&t) + 2 > 77));
     }
 
@@ -810,13 +854,13 @@ mod tests {
         let caption = "一只猫坐在窗台上看着外面的雨天空很暗";
         let out = e.enrich("k", 0, Some(caption), &[class(1, "dog")], &count);
         assert!(count(&out.text) + 2 <= 20, "{}", out.text);
-        let Some(cut) = out.text.strip_suffix(", with dog") else { panic!("{}", out.text) };
+        let Some(cut) = out.text.strip_suffix(", with a dog") else { panic!("{}", out.text) };
         assert!(caption.starts_with(cut) && !cut.is_empty());
-        assert_eq!(count(cut) + count(", with dog") + 2, 20);
+        assert_eq!(count(cut) + count(", with a dog") + 2, 20);
         // A single huge space-less Latin word cannot be cut: it is dropped, the classes stay.
         let blob = "x".repeat(500);
         let out = enricher(1.0, 77).enrich("k", 0, Some(&blob), &[class(1, "dog")], &|t: &str| t.len() / 4);
-        assert_eq!(out.text, "a photo of dog");
+        assert_eq!(out.text, "a photo of a dog");
     }
 
     #[test]
@@ -862,7 +906,7 @@ mod tests {
         // "tiger" alone and "cat"-containing words do not mention anything.
         let out = e.enrich("k", 0, Some(&huge), &classes, &ws);
         assert_eq!(names(&out.added), ["tabby", "tiger cat", "mouse", "zebra"]);
-        assert!(huge.starts_with(out.text.trim_end_matches(", with tabby, tiger cat, mouse and zebra")));
+        assert!(huge.starts_with(out.text.trim_end_matches(", with a tabby, a tiger cat, a mouse and a zebra")));
     }
 
     /// Caption words drawn from a pool that includes the test classes' names in several forms.
@@ -936,7 +980,7 @@ mod tests {
             let out = e.enrich(&key, epoch, Some(&caption), &classes, &ws);
             let body = caption.trim();
             // No class twice, by id or by name.
-            let ids: HashSet<u32> = out.added.iter().map(|c| c.id).collect();
+            let ids: HashSet<Option<u32>> = out.added.iter().map(|c| c.id).collect();
             let lower: HashSet<String> = out.added.iter().map(|c| c.name.to_lowercase()).collect();
             prop_assert_eq!(ids.len(), out.added.len());
             prop_assert_eq!(lower.len(), out.added.len());
@@ -954,19 +998,28 @@ mod tests {
             } else {
                 // Every added class fits in the context and appears in the text.
                 prop_assert!(ws(&out.text) + 2 <= context, "{:?}", out.text);
-                let names: Vec<&str> = out.added.iter().map(|c| c.name.trim()).collect();
-                let joined = join_names(&names);
-                let all: Vec<&str> = expected.iter().map(|c| c.name.trim()).collect();
-                let full = format!("{body}, with {}", join_names(&all));
+                let phrases: Vec<String> = out.added.iter().map(|c| phrase::with_article(&c.name)).collect();
+                let joined = phrase::join(&phrases);
+                let all: Vec<String> = expected.iter().map(|c| phrase::with_article(&c.name)).collect();
+                let full = e.compose(body, &phrase::join(&all));
+                // Never a comma right after a full stop the caption did not have.
+                if !caption.contains(".,") {
+                    prop_assert!(!out.text.contains(".,"), "{:?}", out.text);
+                }
                 if body.is_empty() {
                     prop_assert_eq!(&out.text, &format!("a photo of {joined}"));
                 } else if ws(&full) + 2 <= context {
                     // The (trimmed) original caption is a prefix when it fits.
                     prop_assert_eq!(out.truncated_classes, 0);
+                    prop_assert!(out.text.starts_with(body));
                     prop_assert_eq!(&out.text, &full);
-                } else if let Some(cut) = out.text.strip_suffix(&format!(", with {joined}")) {
-                    prop_assert!(body.starts_with(cut) && !cut.is_empty(), "{:?}", out.text);
-                    prop_assert_eq!(out.truncated_classes, 0);
+                } else if out.truncated_classes == 0 && out.text != format!("a photo of {joined}") {
+                    // Else a non-empty prefix of the caption, cut at a word boundary, then the classes.
+                    let cuts = cut_points(body);
+                    let found = (1..=cuts.len()).map(|k| trim_cut(&body[..cuts[k - 1]])).any(|cut| {
+                        !cut.is_empty() && body.starts_with(cut) && e.compose(cut, &joined) == out.text
+                    });
+                    prop_assert!(found, "{:?}", out.text);
                 } else {
                     prop_assert_eq!(&out.text, &format!("a photo of {joined}"));
                 }

@@ -1,7 +1,8 @@
-//! The text branch: OpenAI CLIP's tokenizer (byte-level BPE through HF `tokenizers`) and the enrich stage that
-//! folds the extracted classes into the caption.
+//! The text branch: OpenAI CLIP's tokenizer (byte-level BPE through HF `tokenizers`), the enrich stage that
+//! folds the extracted concepts into the caption, and [`phrase`], the English it phrases them in.
 
 pub mod enrich;
+pub mod phrase;
 pub mod tokenizer;
 
 use crate::error::SampleError;

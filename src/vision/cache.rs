@@ -1,8 +1,8 @@
 //! A bounded on-disk cache of scorer outputs, so that later epochs skip the scoring model.
 //!
 //! # What is cached, under which key
-//! One entry per sample: the raw patch scores and, for the `cam` scorer, the class candidates with their maps
-//! (what `extract` needs). Entries live under a *namespace* directory named by a hash of everything that
+//! One entry per sample: the raw patch scores and, for the `cam` scorer, every class's probability and the
+//! top class candidates with their maps (what `extract` needs). Entries live under a *namespace* directory named by a hash of everything that
 //! changes the scorer's output: scorer kind, a fingerprint of the weight bytes, model input size, resize size,
 //! normalisation, patch size, `cam_top`, `top_k`. Inside it, an entry is found by the sample key **and** a hash
 //! of the decoded pixels, so a key that names other pixels (another dataset with the same key scheme, a changed
@@ -32,7 +32,7 @@ use crate::rng::{derive, hash_str, mix64};
 use crate::sample::{Candidate, Decoded, Scored};
 use crate::stage::BatchStage;
 
-const MAGIC: &[u8; 4] = b"JSC1";
+const MAGIC: &[u8; 4] = b"JSC2";
 
 /// Where the cache lives and how big it may grow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +76,8 @@ pub struct Entry {
     pub scores: Vec<f32>,
     /// Class candidates when the scorer produced them.
     pub candidates: Option<Vec<Candidate>>,
+    /// Every class's probability when the scorer produced them (empty otherwise).
+    pub probs: Vec<f32>,
 }
 
 struct Index {
@@ -268,6 +270,7 @@ fn encode_entry(key: &str, pixels: u64, e: &Entry) -> Vec<u8> {
             }
         }
     }
+    put_f32s(&mut out, &e.probs);
     let sum = fingerprint(&out);
     out.extend_from_slice(&sum.to_le_bytes());
     out
@@ -328,7 +331,8 @@ fn decode_entry(bytes: &[u8], key: &str, pixels: u64) -> Option<Entry> {
         }
         _ => return None,
     };
-    r.0.is_empty().then_some(Entry { scores, candidates })
+    let probs = r.f32s()?;
+    r.0.is_empty().then_some(Entry { scores, candidates, probs })
 }
 
 /// A scorer stage behind the cache: hits skip the model, misses go through it in one micro-batch and are
@@ -361,6 +365,7 @@ impl<S: BatchStage<In = Decoded, Out = Scored>> BatchStage for Cached<S> {
                         grid: g,
                         patch: self.patch,
                         scores: e.scores,
+                        probs: e.probs,
                         candidates: e.candidates,
                     }));
                 }
@@ -373,7 +378,8 @@ impl<S: BatchStage<In = Decoded, Out = Scored>> BatchStage for Cached<S> {
         if !misses.is_empty() {
             for (i, r) in miss_at.into_iter().zip(self.inner.process_batch(misses)) {
                 if let Ok(s) = &r {
-                    let entry = Entry { scores: s.scores.clone(), candidates: s.candidates.clone() };
+                    let entry =
+                        Entry { scores: s.scores.clone(), candidates: s.candidates.clone(), probs: s.probs.clone() };
                     self.cache.put(&s.sample.key, &s.sample.pixels, &entry);
                 }
                 out[i] = Some(r);
@@ -405,7 +411,8 @@ mod tests {
                 Candidate { id: 7, prob: 0.25, map: vec![-2.0; 16] },
             ]
         });
-        Entry { scores, candidates }
+        let probs = if with_candidates { vec![0.5, 0.25, 0.25] } else { Vec::new() };
+        Entry { scores, candidates, probs }
     }
 
     fn cfg(dir: &Path, max_bytes: u64) -> ScoreCacheConfig {

@@ -4,8 +4,11 @@
 //! - [`score`]: the `score` stage ([`ScorerSpec`]; `cam`, `attention`, `random`, `none` scorers) and the
 //!   [`Classifier`] whose forward feeds both saliency and classes;
 //! - [`prune`]: the keep policies ([`prune::PruneConfig`]) and the `prune` stage;
-//! - [`extract`]: the extract rule ([`select_classes`]) and the `extract` stage ([`Extract`]);
-//! - [`vocabulary`]: what the class ids are called ([`Vocabulary`]), shared with the text branch;
+//! - [`extract`]: the extract rules ([`ExtractRule`]: the tree rule [`select_concepts`], the flat rule
+//!   [`select_classes`]) and the `extract` stage ([`Extract`]);
+//! - [`vocabulary`]: what the classes and their hypernyms are called and which words name them ([`Vocabulary`]),
+//!   shared with the text branch; [`hierarchy`]: the WordNet is-a tree over the ImageNet classes;
+//! - [`labels`]: hand labels of what photos show, and the precision of extracted concepts against them;
 //! - [`cam`]: class-activation-map maths on the host; [`cache`]: the on-disk score cache.
 //!
 //! [`VisionConfig`] gathers the branch's settings. The items each stage passes on ([`Scored`], [`Pruned`],
@@ -14,6 +17,8 @@
 pub mod cache;
 pub mod cam;
 pub mod extract;
+pub mod hierarchy;
+pub mod labels;
 pub mod prune;
 pub mod score;
 pub mod vocabulary;
@@ -21,7 +26,7 @@ pub mod vocabulary;
 use std::path::PathBuf;
 
 pub use crate::sample::{Candidate, Pruned, Scored};
-pub use extract::{Extract, select_classes};
+pub use extract::{Extract, ExtractRule, select_classes, select_concepts};
 use prune::PruneConfig;
 pub use prune::PruneStage;
 pub use score::{AttentionScorer, CamScorer, Classifier, PlainScorer, ScorerSpec};
@@ -36,10 +41,15 @@ pub struct VisionConfig {
     pub classifier_weights: Option<PathBuf>,
     /// Keep policy.
     pub prune: PruneConfig,
-    /// Candidate classes per image (default 3).
+    /// How concepts are chosen (default: the tree rule at summed probability 0.7).
+    pub extract: ExtractRule,
+    /// Candidate classes per image of the flat rule (default 3).
     pub top_k: usize,
-    /// Minimum full-image probability of a candidate (default 0.15).
+    /// Minimum full-image probability of a candidate of the flat rule (default 0.15).
     pub min_prob: f32,
+    /// Summed probability a second, unrelated concept needs under the tree rule (default `None`: one concept at
+    /// most; see [`extract`]).
+    pub second_threshold: Option<f32>,
     /// Classes whose maps make up the cam saliency (default 5).
     pub cam_top: usize,
     /// Share of the way from the kept fraction to 1 a class's evidence must reach (default 0.25).
@@ -63,8 +73,10 @@ impl Default for VisionConfig {
             scorer: ScorerSpec::Cam,
             classifier_weights: None,
             prune: PruneConfig::default(),
+            extract: ExtractRule::default(),
             top_k: 3,
             min_prob: 0.15,
+            second_threshold: None,
             cam_top: 5,
             margin: 0.25,
             vocabulary: None,
@@ -80,6 +92,12 @@ impl VisionConfig {
     /// Every problem with these settings.
     pub fn problems(&self) -> Vec<String> {
         let mut p = self.prune.problems();
+        p.extend(self.extract.problems());
+        if let Some(t) = self.second_threshold
+            && !(t > 0.0 && t <= 1.0)
+        {
+            p.push(format!("second threshold {t} is outside (0, 1]"));
+        }
         if !(0.0..=1.0).contains(&self.min_prob) {
             p.push(format!("min_prob {} is outside [0, 1]", self.min_prob));
         }

@@ -117,15 +117,15 @@ impl Classifier {
         self.forwards.clone()
     }
 
-    /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images; returns probabilities and the top
-    /// `n_top` classes with their maps on `grid` per image.
+    /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images; returns, per image, the probability of
+    /// every class and the top `n_top` classes with their maps on `grid`.
     pub(crate) fn classify(
         &self,
         images: &[&[f32]],
         size: usize,
         grid: (usize, usize),
         n_top: usize,
-    ) -> std::result::Result<Vec<Vec<Candidate>>, String> {
+    ) -> std::result::Result<Vec<(Vec<f32>, Vec<Candidate>)>, String> {
         let n = images.len();
         let x = stack_images(images.iter().copied(), size, &self.device);
         let (features, logits) = self.model.forward(x);
@@ -139,14 +139,15 @@ impl Classifier {
             .map(|i| {
                 let probs = cam::softmax(&l[i * classes..(i + 1) * classes]);
                 let feats = &f[i * per..(i + 1) * per];
-                cam::top_k(&probs, n_top)
+                let top = cam::top_k(&probs, n_top)
                     .into_iter()
                     .map(|(c, p)| {
                         let row = &self.weight[c * channels..(c + 1) * channels];
                         let map = cam::class_map(feats, row);
                         Candidate { id: c as u32, prob: p, map: cam::resample_bilinear(&map, (fh, fw), grid) }
                     })
-                    .collect()
+                    .collect();
+                (probs, top)
             })
             .collect())
     }
@@ -168,7 +169,7 @@ pub struct CamScorer {
     pub patch: usize,
     /// Classes in the saliency mix.
     pub cam_top: usize,
-    /// Candidates handed to extract.
+    /// Candidates (classes with maps) handed to extract.
     pub top_k: usize,
 }
 
@@ -187,7 +188,7 @@ impl BatchStage for CamScorer {
         items
             .into_iter()
             .zip(classified)
-            .map(|(sample, c)| {
+            .map(|(sample, (probs, c))| {
                 let mut scores = vec![0f32; g.0 * g.1];
                 for cand in c.iter().take(self.cam_top) {
                     for (s, m) in scores.iter_mut().zip(&cand.map) {
@@ -195,7 +196,7 @@ impl BatchStage for CamScorer {
                     }
                 }
                 let candidates = Some(c.into_iter().take(self.top_k).collect());
-                Ok(Scored { sample, grid: g, patch: self.patch, scores, candidates })
+                Ok(Scored { sample, grid: g, patch: self.patch, scores, probs, candidates })
             })
             .collect()
     }
@@ -229,7 +230,7 @@ impl BatchStage for AttentionScorer {
             .enumerate()
             .map(|(i, sample)| {
                 let scores = logits[i * per..(i + 1) * per].to_vec();
-                Ok(Scored { sample, grid: g, patch, scores, candidates: None })
+                Ok(Scored { sample, grid: g, patch, scores, probs: Vec::new(), candidates: None })
             })
             .collect()
     }
@@ -260,6 +261,6 @@ impl Stage for PlainScorer {
             }
             None => vec![0.0; g.0 * g.1],
         };
-        Ok(Scored { sample, grid: g, patch: self.patch, scores, candidates: None })
+        Ok(Scored { sample, grid: g, patch: self.patch, scores, probs: Vec::new(), candidates: None })
     }
 }
