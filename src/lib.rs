@@ -55,7 +55,7 @@
 //! | decode | `src/decode.rs` | [`decode::DecodeConfig`] | [`decode::DecodeStage`] |
 //! | score | `src/vision/score.rs` | [`ScorerSpec`] | [`vision::CamScorer`], [`vision::AttentionScorer`], [`vision::PlainScorer`] |
 //! | prune | `src/vision/prune.rs` | [`PruneConfig`], [`KeepPolicy`] | [`vision::PruneStage`] |
-//! | extract | `src/vision/extract.rs` | [`vision::VisionConfig`], [`vision::Vocabulary`] | [`vision::Extract`] |
+//! | extract | `src/vision/extract.rs` | [`vision::ExtractRule`], [`vision::Vocabulary`] | [`vision::Extract`] |
 //! | enrich | `src/text/enrich.rs` | [`text::enrich::EnrichConfig`] | [`text::EnrichStage`] over [`text::enrich::Enricher`] |
 //! | batch | `src/pipeline/sink.rs` + `src/batch.rs` | [`Config::batch_size`] | the ordered sink, then [`JuicedBatcher`] |
 //!
@@ -87,14 +87,18 @@
 //!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`], in the model
 //!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
-//! - [`vision`]: `score.rs`, `prune.rs`, `extract.rs` (the stages above), `vocabulary.rs` (class names and
-//!   synonyms, shared with the text branch), [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the
+//! - [`vision`]: `score.rs`, `prune.rs`, `extract.rs` (the stages above; extract's tree rule names the most
+//!   specific WordNet concept the calibrated probabilities support), `vocabulary.rs` (names, synonyms, the
+//!   hierarchy, restrictions, shared with the text branch), [`vision::hierarchy`] (the embedded WordNet is-a tree
+//!   over the ImageNet classes), [`vision::labels`] (hand labels and the precision of extracted concepts against
+//!   them), [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the
 //!   bounded on-disk score cache: later epochs skip the scoring model; a wrong hit is impossible by construction,
 //!   since entries are keyed by sample key and decoded pixels inside a namespace of scorer, weights and
 //!   preprocessing).
-//! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process) and the enrich stage
-//!   (mention detection with the vocabulary's synonyms and plurals, template, deterministic `mix`,
-//!   context-overflow policy). **Invariant:** knows no model; the vocabulary is handed to it.
+//! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process), the enrich stage
+//!   (mentions through the vocabulary's synonyms, hyponyms and hypernyms, plurals, templates, deterministic
+//!   `mix`, context-overflow policy) and [`text::phrase`] (articles, lists, sentence ends). **Invariant:** knows
+//!   no model; the vocabulary is handed to it.
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
 //!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`); one
 //!   safetensors framing reader ([`model::safetensors`]). **Invariant:** weights are validated tensor by tensor

@@ -50,7 +50,7 @@
 use std::collections::BTreeMap;
 
 use super::hierarchy::{ConceptId, Hierarchy};
-use super::score::{Classifier, failed_all};
+use super::score::{Classified, Classifier, failed_all};
 use super::vocabulary::Vocabulary;
 use crate::decode::{IMAGENET_MEAN, IMAGENET_STD};
 use crate::error::{Error, Result, SampleError};
@@ -351,7 +351,7 @@ impl Extract {
 }
 
 /// Takes the classifier outputs a scorer left on the sample.
-fn take_outputs(s: &mut Scored) -> (Vec<f32>, Vec<Candidate>) {
+fn take_outputs(s: &mut Scored) -> Classified {
     (std::mem::take(&mut s.probs), s.candidates.take().unwrap_or_default())
 }
 
@@ -377,7 +377,7 @@ impl BatchStage for Extract {
     fn process_batch(&mut self, items: Vec<Pruned>) -> Vec<std::result::Result<JuicedSample, SampleError>> {
         let need: Vec<usize> =
             items.iter().enumerate().filter(|(_, p)| p.scored.candidates.is_none()).map(|(i, _)| i).collect();
-        let mut found: BTreeMap<usize, (Vec<f32>, Vec<Candidate>)> = BTreeMap::new();
+        let mut found: BTreeMap<usize, Classified> = BTreeMap::new();
         if let (Some(classifier), Some(&first)) = (&self.classifier, need.first()) {
             let size = items[first].scored.sample.size;
             let g = items[first].scored.grid;

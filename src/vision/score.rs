@@ -68,6 +68,10 @@ impl ScorerSpec {
     }
 }
 
+/// What one classifier forward says about one image: every class's probability, and the most probable classes
+/// with their maps on the patch grid.
+pub type Classified = (Vec<f32>, Vec<Candidate>);
+
 /// The MobileNetV2 classifier with a host copy of its head for class activation maps.
 #[derive(Clone)]
 pub struct Classifier {
@@ -125,7 +129,7 @@ impl Classifier {
         size: usize,
         grid: (usize, usize),
         n_top: usize,
-    ) -> std::result::Result<Vec<(Vec<f32>, Vec<Candidate>)>, String> {
+    ) -> std::result::Result<Vec<Classified>, String> {
         let n = images.len();
         let x = stack_images(images.iter().copied(), size, &self.device);
         let (features, logits) = self.model.forward(x);
