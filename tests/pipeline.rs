@@ -275,6 +275,31 @@ fn resume_rejects_a_foreign_state() {
 }
 
 #[test]
+fn resume_into_a_changed_source_fails_with_a_typed_state_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = specs(&make_shards(dir.path(), &[12, 12], |_| Fault::None));
+    let l = builder(shards.clone()).seed(3).shuffle_buffer(8).build().unwrap();
+    let mut it = l.iter().unwrap();
+    it.next().unwrap().unwrap();
+    let mut state = it.state().clone();
+    drop(it);
+    assert!(!state.buffer.is_empty(), "the checkpoint holds a shuffle buffer");
+    // The buffered sample no longer exists: the shard shrank since the checkpoint.
+    state.buffer[0].index = 999;
+    let again = builder(shards).seed(3).shuffle_buffer(8).build().unwrap();
+    again.resume(state).unwrap();
+    let mut it = again.iter().unwrap();
+    let first = it.find_map(|b| b.err());
+    assert!(
+        matches!(&first, Some(juicer::Error::State(m)) if m.contains("index 999") && m.contains("no longer exists")),
+        "{first:?}"
+    );
+    let live = it.thread_gauge();
+    drop(it);
+    assert_eq!(live.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[test]
 fn ranks_split_without_overlap_and_with_equal_batch_counts() {
     let dir = tempfile::tempdir().unwrap();
     let equal = specs(&make_shards(dir.path(), &[10; 6], |_| Fault::None));
