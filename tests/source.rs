@@ -679,3 +679,136 @@ proptest! {
         prop_assert_eq!(got, expect);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gzip-compressed shards and members
+// ---------------------------------------------------------------------------------------------------------------
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+#[test]
+fn gzip_shards_read_like_their_tar_originals() {
+    let data = five_samples();
+    let expect = local_views(&data);
+    let gz = gzip(&data);
+    let dir = tempfile::tempdir().unwrap();
+    // By name (.tar.gz, .tgz) and by the gzip magic under a .tar name.
+    for name in ["a.tar.gz", "b.tgz", "c.tar"] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &gz).unwrap();
+        let shard = resolve(&[path.display().to_string()], 10).unwrap().remove(0);
+        assert_eq!(views(&read(&shard, 0)), expect, "{name}");
+        assert_eq!(views(&read(&shard, 3)), expect[3..].to_vec(), "{name}");
+        assert_eq!(shard.count_samples(&opts()).unwrap(), 5, "{name}");
+    }
+    // Concatenated gzip members are one stream, as gzip tools write them.
+    let mut two = gzip(&data[..4096]);
+    two.extend(gzip(&data[4096..]));
+    let path = dir.path().join("d.tar.gz");
+    std::fs::write(&path, &two).unwrap();
+    assert_eq!(views(&read(&Shard::Tar(path.display().to_string()), 0)), expect);
+    // Over HTTP (the URL ends in .tar: the magic decides).
+    let (url, server) = serve(gz, Behaviour::Full, 2);
+    let shard = resolve(std::slice::from_ref(&url), 10).unwrap().remove(0);
+    assert_eq!(views(&read(&shard, 0)), expect);
+    assert_eq!(views(&read(&shard, 1)), expect[1..].to_vec());
+    server.join().unwrap();
+}
+
+#[test]
+fn cut_or_corrupt_gzip_ends_the_shard_with_a_truncated_sample_naming_it() {
+    let data = five_samples();
+    let gz = gzip(&data);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("cut.tar.gz", gz[..gz.len() / 2].to_vec()),
+        ("flipped.tar.gz", {
+            let mut b = gz.clone();
+            let mid = b.len() / 2;
+            b[mid..mid + 16].iter_mut().for_each(|x| *x ^= 0x5a);
+            b
+        }),
+    ] {
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        let items = read(&Shard::Tar(path.display().to_string()), 0);
+        let last = items.last().unwrap();
+        let Err(e) = last else { panic!("{name}: the last item is a sample: {:?}", view(last)) };
+        assert_eq!(e.reason, DropReason::Truncated, "{name}");
+        assert!(e.detail.contains(name), "{name}: {}", e.detail);
+        // Every item before it is a whole, good sample of the original.
+        let good = views(&items[..items.len() - 1]);
+        assert_eq!(good, local_views(&data)[..good.len()].to_vec(), "{name}");
+        assert!(items.len() <= 5);
+    }
+}
+
+#[test]
+fn gz_members_are_decompressed_and_a_bad_one_drops_only_its_sample() {
+    let image = vec![7u8; 3000];
+    let (img_gz, cap_gz) = (gzip(&image), gzip("a gzipped caption".as_bytes()));
+    let dir = tempfile::tempdir().unwrap();
+    let shard = write_tar(
+        &dir.path().join("m.tar"),
+        &[
+            Entry::File("k1.jpg.gz", &img_gz),
+            Entry::File("k1.txt.gz", &cap_gz),
+            Entry::File("k2.png", &image),
+            Entry::File("k2.txt.gz", b"not gzip at all"),
+            Entry::File("k3.webp", &image),
+            Entry::File("k3.txt", b"plain"),
+        ],
+    );
+    let items = views(&read(&shard, 0));
+    assert_eq!(
+        items,
+        [
+            View::Ok {
+                key: "k1".into(),
+                image: image.clone(),
+                ext: "jpg".into(),
+                caption: Some("a gzipped caption".into())
+            },
+            View::Err { key: "k2".into(), reason: DropReason::InvalidCaption },
+            View::Ok { key: "k3".into(), image, ext: "webp".into(), caption: Some("plain".into()) },
+        ]
+    );
+}
+
+#[test]
+fn gzip_fixture_shards_give_the_same_samples_through_the_pipeline() {
+    use juicer::{DeviceSpec, JuicedBatch, LastStage};
+    let dir = tempfile::tempdir().unwrap();
+    let mut plain = Vec::new();
+    let mut gz = Vec::new();
+    for i in 0..3 {
+        let src = crate::util::fixtures().join(format!("shards/gcompris-00000{i}.tar"));
+        let dst = dir.path().join(format!("gcompris-00000{i}.tar.gz"));
+        std::fs::write(&dst, gzip(&std::fs::read(&src).unwrap())).unwrap();
+        plain.push(src.display().to_string());
+        gz.push(dst.display().to_string());
+    }
+    let run = |shards: Vec<String>| {
+        let loader = JuicedBatch::builder(shards)
+            .device(DeviceSpec::Cpu)
+            .batch_size(16)
+            .shuffle_buffer(20)
+            .seed(4)
+            .last_stage(LastStage::Decode)
+            .build()
+            .unwrap();
+        let mut out = Vec::new();
+        for b in loader.iter().unwrap() {
+            let b = b.unwrap();
+            out.push((b.keys.clone(), b.patches.into_data().try_to_vec::<f32>().unwrap()));
+        }
+        out
+    };
+    let (a, b) = (run(plain), run(gz));
+    assert_eq!(a.iter().map(|x| x.0.len()).sum::<usize>(), 73);
+    assert!(a == b, "gzip shards give other samples");
+}

@@ -7,6 +7,15 @@
 //!
 //! The WebDataset contract (how members group into samples, which member is the image) is documented in the
 //! design notes §5 and implemented in the `tar` submodule.
+//!
+//! # Compression
+//! A tar shard may be gzip-compressed, as published WebDataset datasets often are (`.tar.gz`, `.tgz`; Python
+//! `webdataset` reads them): a shard whose name ends in `.gz` or `.tgz`, or whose first bytes are the gzip magic
+//! `1f 8b`, is decompressed as a stream (concatenated gzip members included), from any medium. Skipping samples
+//! then reads and discards, as over HTTP. A corrupt or cut gzip stream ends the shard like a cut tar: the sample
+//! in progress is one `Truncated` item naming the shard and the decoder's error. Members whose name ends in
+//! `.gz` (`KEY.txt.gz`, `KEY.jpg.gz`) are decompressed and take the role of the extension before `.gz`, as
+//! `webdataset`'s decoder does.
 
 mod folder;
 mod http;
@@ -15,7 +24,10 @@ mod spec;
 mod tar;
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::time::Duration;
+
+use flate2::bufread::MultiGzDecoder;
 
 pub use folder::{FolderEntry, FolderShard};
 pub use pack::ShardWriter;
@@ -68,22 +80,33 @@ impl Shard {
         matches!(self, Shard::Tar(path) if spec::is_url(path))
     }
 
-    /// Opens the byte stream of a tar shard.
+    /// Opens the byte stream of a tar shard, decompressing a gzip-compressed one (module docs).
     fn open_medium(path: &str, opts: &ReadOptions) -> Result<Box<dyn Medium>> {
         let shard_err = |source| Error::Shard { shard: path.to_string(), source };
-        if spec::is_url(path) {
-            let reader = HttpReader::open(path, opts).map_err(shard_err)?;
-            Ok(Box::new(StreamMedium::new(std::io::BufReader::with_capacity(HTTP_BUFFER, reader))))
+        let stream: Box<dyn Read + Send> = if spec::is_url(path) {
+            Box::new(HttpReader::open(path, opts).map_err(shard_err)?)
         } else {
-            let file = File::open(path).map_err(shard_err)?;
-            Ok(Box::new(LocalMedium::new(file).map_err(shard_err)?))
+            let mut file = File::open(path).map_err(shard_err)?;
+            let mut head = [0u8; 2];
+            let n = file.read(&mut head).and_then(|n| file.seek(SeekFrom::Start(0)).map(|_| n)).map_err(shard_err)?;
+            if !is_gzip(path, &mut &head[..n]).map_err(shard_err)? {
+                // Plain local tar: keep the file seekable so skipped members are sought over.
+                return Ok(Box::new(LocalMedium::new(file).map_err(shard_err)?));
+            }
+            Box::new(file)
+        };
+        let mut reader = BufReader::with_capacity(HTTP_BUFFER, stream);
+        if is_gzip(path, &mut reader).map_err(shard_err)? {
+            Ok(Box::new(StreamMedium::new(BufReader::with_capacity(HTTP_BUFFER, MultiGzDecoder::new(reader)))))
+        } else {
+            Ok(Box::new(StreamMedium::new(reader)))
         }
     }
 
     /// Opens the shard and iterates its samples in file order.
     ///
     /// The first `skip` samples are skipped without reading their member data where the medium allows (local
-    /// tar: seek; HTTP: read and discard; folder: index). Open failure (missing file, HTTP 4xx, refused
+    /// tar: seek; HTTP and gzip: read and discard; folder: index). Open failure (missing file, HTTP 4xx, refused
     /// connection after retries) -> [`Error::Shard`].
     pub fn open(&self, skip: usize, opts: &ReadOptions) -> Result<ShardReader> {
         let inner = match self {
@@ -105,6 +128,19 @@ impl Shard {
         }
     }
 }
+
+/// Whether a shard is gzip-compressed: its name ends in `.gz` or `.tgz`, or its first bytes are the gzip magic.
+fn is_gzip(name: &str, reader: &mut impl BufRead) -> std::io::Result<bool> {
+    let lower = name.to_ascii_lowercase();
+    let lower = lower.split(['?', '#']).next().unwrap_or(&lower);
+    if lower.ends_with(".gz") || lower.ends_with(".tgz") {
+        return Ok(true);
+    }
+    Ok(reader.fill_buf()?.starts_with(&GZIP_MAGIC))
+}
+
+/// The first two bytes of a gzip stream.
+pub(crate) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The per-medium iterators behind a [`ShardReader`].
 enum Inner {

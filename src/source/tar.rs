@@ -31,6 +31,8 @@ const MAX_META_ENTRY: u64 = 1 << 20;
 const MAX_PREALLOC: u64 = 64 << 20;
 /// Extensions (last component, lower-case) that mark the image member.
 pub(crate) const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+/// Largest decompressed size of a `.gz` member; a bigger one drops its sample.
+const MAX_GUNZIPPED: u64 = 1 << 30;
 
 /// A byte source a tar shard is read from: a `Read` that can also skip bytes cheaply where the medium allows.
 pub(crate) trait Medium: Read + Send {
@@ -308,6 +310,20 @@ impl<M: Medium> Walker<M> {
     }
 }
 
+/// A member's data as the sample uses it: decompressed for a `.gz` member, or why that failed.
+type Used = Result<Vec<u8>, String>;
+
+/// Decompresses a `.gz` member, at most [`MAX_GUNZIPPED`] bytes.
+fn gunzip(path: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(MAX_PREALLOC as usize));
+    let mut decoder = flate2::read::MultiGzDecoder::new(data).take(MAX_GUNZIPPED + 1);
+    decoder.read_to_end(&mut out).map_err(|e| format!("member `{path}` is not valid gzip: {e}"))?;
+    if out.len() as u64 > MAX_GUNZIPPED {
+        return Err(format!("member `{path}` decompresses to more than {MAX_GUNZIPPED} bytes"));
+    }
+    Ok(out)
+}
+
 /// Iterator over the samples of one tar shard; see the module docs for the grouping rules.
 pub(crate) struct TarSamples<M> {
     walker: Walker<M>,
@@ -385,15 +401,21 @@ impl<M: Medium> TarSamples<M> {
     fn assemble(
         &self,
         key: String,
-        image: Option<(String, Vec<u8>)>,
-        caption: Option<Vec<u8>>,
-        meta: Option<Vec<u8>>,
+        image: Option<(String, Used)>,
+        caption: Option<Used>,
+        meta: Option<Used>,
     ) -> Result<RawSample, SampleError> {
         let shard = &self.walker.shard;
         let Some((image_ext, image)) = image else {
             let detail = format!("shard `{shard}`: sample has no jpg/jpeg/png/webp member");
             return Err(SampleError::new(key, DropReason::MissingImage, detail));
         };
+        let gz = |m: Option<Used>, reason| {
+            m.transpose().map_err(|e| SampleError::new(key.clone(), reason, format!("shard `{shard}`: {e}")))
+        };
+        let image = gz(Some(image), DropReason::UndecodableImage)?.unwrap_or_default();
+        let caption = gz(caption, DropReason::InvalidCaption)?;
+        let meta = gz(meta, DropReason::StageFailed)?;
         let caption = match caption.map(String::from_utf8).transpose() {
             Ok(c) => c,
             Err(e) => {
@@ -437,17 +459,23 @@ impl<M: Medium> Iterator for TarSamples<M> {
             },
         };
         let key = member.key.clone();
-        let mut image: Option<(String, Vec<u8>)> = None;
-        let mut caption: Option<Vec<u8>> = None;
-        let mut meta: Option<Vec<u8>> = None;
+        let mut image: Option<(String, Used)> = None;
+        let mut caption: Option<Used> = None;
+        let mut meta: Option<Used> = None;
         loop {
-            let wanted_image = image.is_none() && is_image_ext(&member.ext);
-            let wanted_caption = caption.is_none() && member.ext == "txt";
-            let wanted_meta = meta.is_none() && member.ext == "json";
+            // `KEY.txt.gz` plays the role of `KEY.txt` once decompressed.
+            let (role, gz) = match member.ext.strip_suffix(".gz") {
+                Some(role) => (role.to_string(), true),
+                None => (member.ext.clone(), false),
+            };
+            let wanted_image = image.is_none() && is_image_ext(&role);
+            let wanted_caption = caption.is_none() && role == "txt";
+            let wanted_meta = meta.is_none() && role == "json";
             let res = if wanted_image || wanted_caption || wanted_meta {
                 self.walker.read_data(&member).map(|data| {
+                    let data = if gz { gunzip(&member.path, &data) } else { Ok(data) };
                     if wanted_image {
-                        image = Some((last_ext(&member.ext).to_string(), data));
+                        image = Some((last_ext(&role).to_string(), data));
                     } else if wanted_caption {
                         caption = Some(data);
                     } else {
