@@ -27,8 +27,11 @@ struct Cli {
 enum Command {
     /// Stream the pipeline over SOURCES and print a summary (and per-sample records with --jsonl).
     Run(Box<RunArgs>),
-    /// Pack a folder of images + captions JSONL into WebDataset tar shards.
+    /// Pack a folder of images + captions JSONL into WebDataset tar shards (and their manifest, PREFIX.json).
     Pack(PackArgs),
+    /// Write a shard manifest (`wids` JSON: every shard with its sample count and size) for SOURCES, or join
+    /// manifests with --merge. A loader given the manifest as its source skips the count scan.
+    Index(IndexArgs),
     /// Render each sample (input, kept patches, saliency, classes, caption) as a PNG in --out.
     Show(Box<ShowArgs>),
     /// Juice SOURCES into WebDataset shards in --out (kept-patch mosaic, enriched caption, classes, scores).
@@ -211,6 +214,43 @@ enum ScorerArg {
 }
 
 #[derive(Args)]
+struct IndexArgs {
+    /// Shards (paths, globs, brace ranges, URLs), or with --merge the manifests to join.
+    #[arg(required = true)]
+    sources: Vec<String>,
+    /// The manifest to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Join the given manifests, in order, instead of reading shards.
+    #[arg(long)]
+    merge: bool,
+    /// Shards read at a time.
+    #[arg(long, default_value_t = 8)]
+    jobs: usize,
+}
+
+fn index(args: IndexArgs) -> anyhow::Result<()> {
+    use juicer::source::Manifest;
+    let opts = juicer::source::ReadOptions::default();
+    let manifest = if args.merge {
+        let parts = args.sources.iter().map(|m| Manifest::read(m, &opts)).collect::<juicer::Result<Vec<_>>>()?;
+        Manifest::merge(parts)?
+    } else {
+        let shards = resolve(&args.sources, usize::MAX)?;
+        let bar = indicatif::ProgressBar::new(shards.len() as u64);
+        if !std::io::stderr().is_terminal() {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let m = Manifest::index(&shards, &opts, args.jobs, &|done| bar.set_position(done as u64))?;
+        bar.finish_and_clear();
+        m
+    };
+    manifest.write(&args.out)?;
+    eprintln!("{} shard(s), {} samples -> {}", manifest.shards.len(), manifest.total(), args.out.display());
+    Ok(())
+}
+
+#[derive(Args)]
 struct PackArgs {
     /// A folder containing captions.jsonl, or a .jsonl file.
     source: String,
@@ -233,6 +273,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Pack(args) => pack(args),
+        Command::Index(args) => index(args),
         Command::Show(args) => show(*args),
         Command::Write(args) => write(*args),
         Command::Bench(args) => bench(*args),
@@ -534,8 +575,13 @@ fn pack(args: PackArgs) -> anyhow::Result<()> {
             n += 1;
         }
     }
-    let written = writer.finish()?;
-    eprintln!("packed {n} samples into {} shard(s) in {}", written.len(), args.out.display());
+    let (written, manifest) = writer.finish_indexed()?;
+    eprintln!(
+        "packed {n} samples into {} shard(s) in {} (manifest {})",
+        written.len(),
+        args.out.display(),
+        manifest.display()
+    );
     for p in written {
         println!("{}", p.display());
     }
@@ -600,6 +646,7 @@ fn write(args: WriteArgs) -> anyhow::Result<()> {
         report.shards.len(),
         args.out.display()
     );
+    eprintln!("  manifest {}", report.manifest.display());
     for (reason, n) in &report.dropped {
         eprintln!("  dropped  {reason:<18} {n}");
     }

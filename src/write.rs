@@ -77,6 +77,8 @@ impl Default for WriteOptions {
 pub struct WriteReport {
     /// Paths of the shards written, in order.
     pub shards: Vec<PathBuf>,
+    /// The shards' manifest (`OUT/PREFIX.json`, `wids` format with sample counts).
+    pub manifest: PathBuf,
     /// Samples the pipeline read.
     pub read: u64,
     /// Samples written to the shards.
@@ -161,7 +163,7 @@ pub fn write_shards(
     for (reason, n) in own_drops {
         *report.dropped.entry(reason).or_default() += n;
     }
-    report.shards = writer.finish()?;
+    (report.shards, report.manifest) = writer.finish_indexed()?;
     Ok(report)
 }
 

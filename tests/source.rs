@@ -812,3 +812,99 @@ fn gzip_fixture_shards_give_the_same_samples_through_the_pipeline() {
     assert_eq!(a.iter().map(|x| x.0.len()).sum::<usize>(), 73);
     assert!(a == b, "gzip shards give other samples");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Manifests
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn a_manifest_gives_the_counts_and_the_loader_never_scans() {
+    use juicer::source::{Manifest, resolve_counted};
+    use juicer::{DeviceSpec, JuicedBatch};
+    let dir = tempfile::tempdir().unwrap();
+    let paths = crate::util::make_shards(dir.path(), &[5, 7, 4], |_| crate::util::Fault::None);
+    let shards = resolve(&crate::util::specs(&paths), 10).unwrap();
+    let m = Manifest::index(&shards, &opts(), 2, &|_| {}).unwrap();
+    assert_eq!(m.shards.iter().map(|s| s.nsamples).collect::<Vec<_>>(), [5, 7, 4]);
+    assert!(m.shards.iter().all(|s| s.filesize.is_some_and(|f| f > 0)));
+    let path = dir.path().join("train.json");
+    m.write(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"url\": \"s0-000000.tar\""), "relative URLs: {text}");
+    let spec = path.display().to_string();
+    let (listed, counts) = resolve_counted(std::slice::from_ref(&spec), 10, &opts()).unwrap();
+    assert_eq!(listed, shards);
+    assert_eq!(counts, [Some(5), Some(7), Some(4)]);
+    let loader =
+        |spec: &str| JuicedBatch::builder([spec]).device(DeviceSpec::Cpu).image_size(32).batch_size(4).build().unwrap();
+    assert_eq!(loader(&spec).shard_counts().unwrap(), [5, 7, 4]);
+    // The counts come from the manifest, not from the shards: a manifest that overstates them is believed.
+    let inflated = text.replace("\"nsamples\": 5", "\"nsamples\": 50");
+    let fake = dir.path().join("inflated.json");
+    std::fs::write(&fake, inflated).unwrap();
+    assert_eq!(loader(&fake.display().to_string()).shard_counts().unwrap(), [50, 7, 4]);
+    // The same batches as the shards given directly.
+    let keys = |l: juicer::Juicer<JuicedBatch>| l.iter().unwrap().flat_map(|b| b.unwrap().keys).collect::<Vec<_>>();
+    let direct = JuicedBatch::builder(crate::util::specs(&paths))
+        .device(DeviceSpec::Cpu)
+        .image_size(32)
+        .batch_size(4)
+        .build()
+        .unwrap();
+    assert_eq!(keys(loader(&spec)), keys(direct));
+}
+
+#[test]
+fn pack_writes_a_manifest_and_index_merges_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = crate::util::fixtures().join("gcompris/pairs.jsonl");
+    let out = dir.path().join("packed");
+    let o = crate::util::juicer(&[
+        "pack",
+        &src.display().to_string(),
+        "--out",
+        &out.display().to_string(),
+        "--max-count",
+        "30",
+    ]);
+    assert!(o.status.success(), "{}", crate::util::stderr(&o));
+    let m = juicer::source::Manifest::read(&out.join("shard.json").display().to_string(), &opts()).unwrap();
+    assert_eq!((m.shards.len(), m.total()), (3, 73));
+    // `juicer index` over the shards gives the same counts; --merge joins two halves in order.
+    let whole = dir.path().join("whole.json");
+    let spec = out.join("shard-{000000..000002}.tar").display().to_string();
+    let o = crate::util::juicer(&["index", &spec, "--out", &whole.display().to_string()]);
+    assert!(o.status.success(), "{}", crate::util::stderr(&o));
+    let w = juicer::source::Manifest::read(&whole.display().to_string(), &opts()).unwrap();
+    assert_eq!(
+        w.shards.iter().map(|s| s.nsamples).collect::<Vec<_>>(),
+        m.shards.iter().map(|s| s.nsamples).collect::<Vec<_>>()
+    );
+    let (a, b) = (dir.path().join("a.json"), dir.path().join("b.json"));
+    for (part, range) in [(&a, "{000000..000001}"), (&b, "000002")] {
+        let spec = out.join(format!("shard-{range}.tar")).display().to_string();
+        assert!(crate::util::juicer(&["index", &spec, "--out", &part.display().to_string()]).status.success());
+    }
+    let merged = dir.path().join("merged.json");
+    let o = crate::util::juicer(&[
+        "index",
+        "--merge",
+        &a.display().to_string(),
+        &b.display().to_string(),
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", crate::util::stderr(&o));
+    let mm = juicer::source::Manifest::read(&merged.display().to_string(), &opts()).unwrap();
+    assert_eq!(mm.shards, w.shards);
+    // Listing a shard twice is refused.
+    let o = crate::util::juicer(&[
+        "index",
+        "--merge",
+        &a.display().to_string(),
+        &a.display().to_string(),
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    assert!(!o.status.success() && crate::util::stderr(&o).contains("two manifests"));
+}

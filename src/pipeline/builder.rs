@@ -13,7 +13,7 @@ use crate::error::{Error, OnError, Result};
 use crate::plan::{EpochSize, World};
 use crate::rng::{derive, hash_str};
 use crate::sample::JuicedSample;
-use crate::source::{ReadOptions, Shard, resolve};
+use crate::source::{ReadOptions, Shard, resolve_counted};
 use crate::vision::cache::ScoreCacheConfig;
 use crate::vision::prune::{KeepPolicy, PruneConfig};
 use crate::vision::{ExtractRule, ScorerSpec};
@@ -192,7 +192,8 @@ impl JuicerBuilder {
             return Err(Error::Config(problems));
         }
         let world = world.unwrap_or_default();
-        let shards: Arc<[Shard]> = resolve(&self.sources, self.config.folder_shard_size)?.into();
+        let (shards, known) = resolve_counted(&self.sources, self.config.folder_shard_size, &self.config.read)?;
+        let (shards, known): (Arc<[Shard]>, Arc<[Option<u64>]>) = (shards.into(), known.into());
         if shards.len() < world.world_size {
             return Err(Error::Config(vec![format!(
                 "{} shard(s) cannot be split across {} ranks: every rank needs at least one shard",
@@ -206,7 +207,7 @@ impl JuicerBuilder {
         let mut config = self.config;
         let models = Models::load(&mut config, &device)?;
         Ok(Juicer {
-            shared: Arc::new(Shared { shards, config, world, fingerprint, counts: OnceLock::new(), models }),
+            shared: Arc::new(Shared { shards, config, world, fingerprint, counts: OnceLock::new(), known, models }),
             batcher: Arc::new(batcher),
             device,
             next: Arc::new(Mutex::new(Next::Epoch(0))),

@@ -50,6 +50,8 @@ struct Shared {
     world: World,
     fingerprint: String,
     counts: OnceLock<std::result::Result<Vec<usize>, String>>,
+    /// Per shard, the sample count the sources gave (manifest, folder JSONL), if any.
+    known: Arc<[Option<u64>]>,
     models: Models,
 }
 
@@ -105,7 +107,8 @@ impl<O: Send + 'static> Juicer<O> {
         &self.device
     }
 
-    /// Sample count of every shard (header-only scan, done once and cached).
+    /// Sample count of every shard, done once and cached: from the manifest (or folder JSONL) where the sources
+    /// give it, else from a header-only scan of the shards whose count is unknown.
     pub fn shard_counts(&self) -> Result<Vec<usize>> {
         self.shared
             .counts
@@ -113,7 +116,11 @@ impl<O: Send + 'static> Juicer<O> {
                 self.shared
                     .shards
                     .iter()
-                    .map(|s| s.count_samples(&self.shared.config.read))
+                    .zip(self.shared.known.iter())
+                    .map(|(s, known)| match known {
+                        Some(n) => Ok(*n as usize),
+                        None => s.count_samples(&self.shared.config.read),
+                    })
                     .collect::<Result<Vec<_>>>()
                     .map_err(|e| e.to_string())
             })
@@ -393,6 +400,7 @@ impl Shared {
             world: self.world,
             fingerprint: self.fingerprint.clone(),
             counts: self.counts.get().cloned().map(OnceLock::from).unwrap_or_default(),
+            known: self.known.clone(),
             models: self.models.clone(),
         }
     }

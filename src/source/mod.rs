@@ -1,6 +1,7 @@
 //! Sample sources: WebDataset tar shards (local or over HTTP) and folders of images with a captions JSONL.
 //!
-//! [`resolve`] turns shard specifications (paths, globs, brace ranges, URLs, folders) into [`Shard`]s;
+//! [`resolve`] turns shard specifications (paths, globs, brace ranges, URLs, folders, manifests) into [`Shard`]s
+//! ([`resolve_counted`] also returns the sample counts a manifest or folder source gives for free);
 //! [`Shard::open`] streams one shard's samples in file order as `Result<RawSample, SampleError>` items, one
 //! item per sample, so item `i` is sample `i` of the shard (after `skip`). [`ShardWriter`] writes shards in the
 //! same format.
@@ -19,6 +20,7 @@
 
 mod folder;
 mod http;
+pub mod manifest;
 mod pack;
 mod spec;
 mod tar;
@@ -30,8 +32,9 @@ use std::time::Duration;
 use flate2::bufread::MultiGzDecoder;
 
 pub use folder::{FolderEntry, FolderShard};
+pub use manifest::{Manifest, ManifestShard};
 pub use pack::ShardWriter;
-pub use spec::{CAPTIONS_FILE, expand_braces, resolve};
+pub use spec::{CAPTIONS_FILE, expand_braces, resolve, resolve_counted};
 
 use self::folder::FolderReader;
 use self::http::HttpReader;

@@ -32,6 +32,8 @@ pub struct ShardWriter {
     max_size: u64,
     current: Option<OpenShard>,
     written: Vec<PathBuf>,
+    /// Samples and bytes of each written shard.
+    sizes: Vec<(u64, u64)>,
 }
 
 impl ShardWriter {
@@ -46,7 +48,15 @@ impl ShardWriter {
         }
         let out_dir = out_dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(format!("creating `{}`", out_dir.display()), e))?;
-        Ok(Self { out_dir, prefix: prefix.to_string(), max_count, max_size, current: None, written: Vec::new() })
+        Ok(Self {
+            out_dir,
+            prefix: prefix.to_string(),
+            max_count,
+            max_size,
+            current: None,
+            written: Vec::new(),
+            sizes: Vec::new(),
+        })
     }
 
     /// Serialises one sample's members as tar entries (no end marker).
@@ -112,8 +122,21 @@ impl ShardWriter {
             let file = shard.out.into_inner().map_err(|e| Error::io(context.clone(), e.into_error()))?;
             file.sync_all().map_err(|e| Error::io(context, e))?;
             self.written.push(shard.path);
+            self.sizes.push((shard.count as u64, shard.size + TRAILER));
         }
         Ok(())
+    }
+
+    /// Like [`finish`](Self::finish), and also writes the shards' manifest (`wids` format, sample counts and
+    /// sizes, URLs relative to the folder) to `OUT_DIR/PREFIX.json`, which a loader takes instead of scanning
+    /// the shards. Returns the shard paths and the manifest's path.
+    pub fn finish_indexed(mut self) -> Result<(Vec<PathBuf>, PathBuf)> {
+        self.close_current()?;
+        let written: Vec<(PathBuf, u64, u64)> =
+            self.written.iter().zip(&self.sizes).map(|(p, (n, size))| (p.clone(), *n, *size)).collect();
+        let path = self.out_dir.join(format!("{}.json", self.prefix));
+        super::Manifest::from_written(&written).write(&path)?;
+        Ok((std::mem::take(&mut self.written), path))
     }
 
     /// Closes the last shard and returns the paths of every shard written, in order.

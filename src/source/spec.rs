@@ -8,8 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::Shard;
 use super::folder::load_folder;
+use super::manifest::{Manifest, is_manifest};
+use super::{ReadOptions, Shard};
 use crate::error::{Error, Result};
 
 /// Most names one spec may expand to (guards against `{0..999999999}` by mistake).
@@ -156,11 +157,29 @@ fn local_shards(spec: &str, path: &Path, folder_shard_size: usize, out: &mut Vec
 /// Errors: a spec that matches nothing, a missing local file, a bad brace, a malformed JSONL line ->
 /// [`Error::ShardSpec`] naming the spec.
 pub fn resolve(specs: &[String], folder_shard_size: usize) -> Result<Vec<Shard>> {
+    Ok(resolve_counted(specs, folder_shard_size, &ReadOptions::default())?.0)
+}
+
+/// [`resolve`], plus every shard's sample count where it is known without reading the shard: from a manifest
+/// (a source ending in `.json`, [`super::manifest`]) or, for a folder source, from its JSONL.
+pub fn resolve_counted(
+    specs: &[String],
+    folder_shard_size: usize,
+    opts: &ReadOptions,
+) -> Result<(Vec<Shard>, Vec<Option<u64>>)> {
     let mut shards = Vec::new();
+    let mut counts = Vec::new();
     for spec in specs {
         let before = shards.len();
         for name in expand_braces(spec)? {
-            if is_url(&name) {
+            if is_manifest(&name) {
+                let manifest = Manifest::read(&name, opts)?;
+                for s in manifest.shards {
+                    counts.resize(shards.len(), None);
+                    shards.push(Shard::Tar(s.url));
+                    counts.push(Some(s.nsamples));
+                }
+            } else if is_url(&name) {
                 shards.push(Shard::Tar(name));
             } else if name.contains(['*', '?', '[']) {
                 let paths = glob::glob(&name).map_err(|e| spec_error(spec, format!("bad glob `{name}`: {e}")))?;
@@ -181,7 +200,13 @@ pub fn resolve(specs: &[String], folder_shard_size: usize) -> Result<Vec<Shard>>
             return Err(spec_error(spec, "matches no shard"));
         }
     }
-    Ok(shards)
+    counts.resize(shards.len(), None);
+    for (shard, count) in shards.iter().zip(counts.iter_mut()) {
+        if let Shard::Folder(f) = shard {
+            *count = Some(f.len() as u64);
+        }
+    }
+    Ok((shards, counts))
 }
 
 #[cfg(test)]
