@@ -843,6 +843,12 @@ fn a_manifest_gives_the_counts_and_the_loader_never_scans() {
     let fake = dir.path().join("inflated.json");
     std::fs::write(&fake, inflated).unwrap();
     assert_eq!(loader(&fake.display().to_string()).shard_counts().unwrap(), [50, 7, 4]);
+    // Mixed sources: manifest counts as given, the other shards scanned (in parallel), in source order.
+    let mixed = JuicedBatch::builder([fake.display().to_string(), paths[1].display().to_string(), spec.clone()])
+        .device(DeviceSpec::Cpu)
+        .build()
+        .unwrap();
+    assert_eq!(mixed.shard_counts().unwrap(), [50, 7, 4, 7, 5, 7, 4]);
     // The same batches as the shards given directly.
     let keys = |l: juicer::Juicer<JuicedBatch>| l.iter().unwrap().flat_map(|b| b.unwrap().keys).collect::<Vec<_>>();
     let direct = JuicedBatch::builder(crate::util::specs(&paths))

@@ -40,7 +40,10 @@ use crate::error::{Error, Result, SampleError};
 use crate::graph::{Run, StageSnapshot};
 use crate::plan::{LoaderState, ShardPlan, World};
 use crate::sample::JuicedSample;
-use crate::source::Shard;
+use crate::source::{Manifest, Shard};
+
+/// Shards whose sample count is scanned at a time when the sources give none (no manifest).
+pub const SCAN_JOBS: usize = 8;
 use crate::vision::cache::ScoreCache;
 
 #[derive(Debug)]
@@ -108,21 +111,27 @@ impl<O: Send + 'static> Juicer<O> {
     }
 
     /// Sample count of every shard, done once and cached: from the manifest (or folder JSONL) where the sources
-    /// give it, else from a header-only scan of the shards whose count is unknown.
+    /// give it, else from a header-only scan of the shards whose count is unknown, [`SCAN_JOBS`] at a time.
     pub fn shard_counts(&self) -> Result<Vec<usize>> {
         self.shared
             .counts
             .get_or_init(|| {
-                self.shared
-                    .shards
+                let s = &self.shared;
+                let unknown: Vec<Shard> =
+                    s.shards.iter().zip(s.known.iter()).filter(|(_, k)| k.is_none()).map(|(x, _)| x.clone()).collect();
+                let mut scanned = if unknown.is_empty() {
+                    Vec::new()
+                } else {
+                    Manifest::index(&unknown, &s.config.read, SCAN_JOBS, &|_| {}).map_err(|e| e.to_string())?.shards
+                }
+                .into_iter();
+                s.known
                     .iter()
-                    .zip(self.shared.known.iter())
-                    .map(|(s, known)| match known {
+                    .map(|k| match k {
                         Some(n) => Ok(*n as usize),
-                        None => s.count_samples(&self.shared.config.read),
+                        None => scanned.next().map(|m| m.nsamples as usize).ok_or_else(|| "scan incomplete".into()),
                     })
-                    .collect::<Result<Vec<_>>>()
-                    .map_err(|e| e.to_string())
+                    .collect::<std::result::Result<Vec<_>, String>>()
             })
             .clone()
             .map_err(|e| Error::Config(vec![format!("counting samples per shard: {e}")]))
