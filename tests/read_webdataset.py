@@ -47,7 +47,15 @@ def check(sample, require_orig):
     if meta["scores"] and len(meta["scores"]) != rows * cols:
         problems.append(f"{len(meta['scores'])} scores for a {rows}x{cols} grid")
     for c in meta["classes"] + meta["added"]:
-        if set(c) != {"id", "name", "prob"}:
+        # {"id": ImageNet index or null for a hypernym, "wnid": "n########", "name", "prob"}
+        good = (
+            set(c) == {"id", "wnid", "name", "prob"}
+            and (c["id"] is None or isinstance(c["id"], int))
+            and isinstance(c["wnid"], str)
+            and (c["wnid"] == "" or (c["wnid"].startswith("n") and len(c["wnid"]) == 9))
+            and 0.0 <= c["prob"] <= 1.0
+        )
+        if not good:
             problems.append(f"bad class {c}")
     img = Image.open(io.BytesIO(sample["png"]))
     img.load()
