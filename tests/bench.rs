@@ -43,6 +43,9 @@ fn check_pipeline(p: &Value) {
         assert!((f(&p[rate]) - want).abs() <= 1e-9 * want.max(1.0), "{rate} != {count}/seconds in {p}");
     }
     assert!(u(&p["kept_patches"]) <= u(&p["total_patches"]));
+    // The first batch comes before the window opens (the window starts at a batch after the warm-up).
+    let first = f(&p["first_batch_seconds"]);
+    assert!(first > 0.0 && first <= f(&p["warmup_seconds"]) + 1e-9, "first batch {first} s in {p}");
     let mut best = (f64::MIN, String::new());
     for s in p["stages"].as_array().expect("stages") {
         for share in ["busy", "blocked", "starved"] {

@@ -94,6 +94,9 @@ pub struct PipelineReport {
     pub seconds: f64,
     /// Seconds the pipeline needed before the window opened (start-up + warm-up).
     pub warmup_seconds: f64,
+    /// Seconds from starting the epoch (`Juicer::iter`: sample counts when needed, graph start, shard opens)
+    /// to its first batch: what a trainer waits before step 1 (after the loader, and its models, are built).
+    pub first_batch_seconds: f64,
     /// Samples emitted in the window.
     pub samples: u64,
     /// Batches in the window.
@@ -283,9 +286,11 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
     }];
     let mut exhausted = true;
     let mut last: Option<(Instant, Vec<StageSnapshot>)> = None;
+    let mut first_batch: Option<f64> = None;
     while let Some(item) = it.next() {
         let batch = item?;
         let now = Instant::now();
+        first_batch.get_or_insert_with(|| now.duration_since(started).as_secs_f64());
         let metrics = it.metrics();
         emitted += batch.len() as u64;
         timeline.push(Tick {
@@ -339,6 +344,7 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
         world_size: world.world_size,
         seconds,
         warmup_seconds: t0.duration_since(started).as_secs_f64(),
+        first_batch_seconds: first_batch.unwrap_or(0.0),
         samples,
         batches,
         dropped,
@@ -437,13 +443,13 @@ pub fn render(report: &BenchReport) -> String {
     );
     let _ = writeln!(
         s,
-        "\n  {:<22} {:>9} {:>8} {:>10} {:>14} {:>11} {:>9}",
-        "pipeline", "samples", "seconds", "samples/s", "kept patches/s", "tokens/s", "bottleneck"
+        "\n  {:<22} {:>9} {:>8} {:>10} {:>14} {:>11} {:>12} {:>9}",
+        "pipeline", "samples", "seconds", "samples/s", "kept patches/s", "tokens/s", "first batch", "bottleneck"
     );
     for p in &report.pipelines {
         let _ = writeln!(
             s,
-            "  {:<22} {:>9} {:>8.2} {:>10.1} {:>14.0} {:>11.0} {:>9}{}",
+            "  {:<22} {:>9} {:>8.2} {:>10.1} {:>14.0} {:>11.0} {:>10.2} s {:>9}{}",
             if report.pipelines.iter().any(|q| q.epoch != p.epoch) {
                 format!("{} r{}/{} epoch {}", short_device(&p.device), p.rank, p.world_size, p.epoch)
             } else {
@@ -454,6 +460,7 @@ pub fn render(report: &BenchReport) -> String {
             p.samples_per_s,
             p.kept_patches_per_s,
             p.tokens_per_s,
+            p.first_batch_seconds,
             p.bottleneck.as_deref().unwrap_or("-"),
             if p.exhausted { "  (data ended)" } else { "" }
         );
