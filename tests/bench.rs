@@ -56,7 +56,10 @@ fn check_pipeline(p: &Value) {
             best = (f(&s["busy"]), s["name"].as_str().expect("name").to_string());
         }
     }
-    assert_eq!(p["bottleneck"].as_str(), Some(best.1.as_str()), "the bottleneck is the busiest stage: {p}");
+    // The busiest stage; none when no stage took an item inside the window (a window shorter than one batch's
+    // trip through the graph, as on a fast machine with tiny synthetic images).
+    let busiest = (!best.1.is_empty()).then_some(best.1.as_str());
+    assert_eq!(p["bottleneck"].as_str(), busiest, "the bottleneck is the busiest stage: {p}");
     let timeline = p["timeline"].as_array().expect("timeline");
     assert_eq!(f(&timeline[0]["t"]), 0.0);
     assert_eq!(u(&timeline[0]["samples"]), 0);
