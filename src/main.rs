@@ -378,14 +378,14 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
             min_keep: args.min_keep,
             max_keep: args.max_keep,
         })
-        .extract(ExtractRule::parse(
-            match args.extract {
-                ExtractArg::Tree => "tree",
-                ExtractArg::Flat => "flat",
+        .extract(match args.extract {
+            ExtractArg::Tree => ExtractRule::Tree {
+                threshold: args.class_threshold,
+                temperature: args.class_temperature,
+                confident: juicer::vision::extract::DEFAULT_CONFIDENT,
             },
-            Some(args.class_threshold),
-            Some(args.class_temperature),
-        )?)
+            ExtractArg::Flat => ExtractRule::Flat,
+        })
         .micro_batch(args.micro_batch)
         .model_workers(args.model_workers)
         .template(args.template.clone())

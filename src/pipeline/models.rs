@@ -64,7 +64,7 @@ impl Models {
             return Err(Error::Config(problems));
         }
         let tokenizer = ClipTokenizer::shared()?;
-        let enricher = Enricher::new(config.text.clone(), config.seed)?.with_vocabulary(vocabulary.clone());
+        let enricher = Enricher::with_vocabulary_of(config.text.clone(), config.seed, vocabulary.clone())?;
         let score_cache = match &config.vision.score_cache {
             Some(c) if matches!(config.vision.scorer, ScorerSpec::Cam | ScorerSpec::Attention(_)) => {
                 Some(Arc::new(ScoreCache::open(c, &cache_namespace(config)?)?))

@@ -234,7 +234,7 @@ impl Manifest {
         self.shards.iter().map(|s| s.nsamples).sum()
     }
 
-    /// The manifest's shards as paths, for a writer that produced them under `dir`.
+    /// A manifest of shards a writer produced: `(path, samples, bytes)` each, in order.
     pub fn from_written(written: &[(PathBuf, u64, u64)]) -> Self {
         let shards = written
             .iter()

@@ -86,20 +86,21 @@ impl Shard {
     /// Opens the byte stream of a tar shard, decompressing a gzip-compressed one (module docs).
     fn open_medium(path: &str, opts: &ReadOptions) -> Result<Box<dyn Medium>> {
         let shard_err = |source| Error::Shard { shard: path.to_string(), source };
-        let stream: Box<dyn Read + Send> = if spec::is_url(path) {
-            Box::new(HttpReader::open(path, opts).map_err(shard_err)?)
+        let by_name = gzip_name(path);
+        let mut reader: BufReader<Box<dyn Read + Send>> = if spec::is_url(path) {
+            BufReader::with_capacity(HTTP_BUFFER, Box::new(HttpReader::open(path, opts).map_err(shard_err)?))
         } else {
             let mut file = File::open(path).map_err(shard_err)?;
             let mut head = [0u8; 2];
             let n = file.read(&mut head).and_then(|n| file.seek(SeekFrom::Start(0)).map(|_| n)).map_err(shard_err)?;
-            if !is_gzip(path, &mut &head[..n]).map_err(shard_err)? {
+            if !by_name && !head[..n].starts_with(&GZIP_MAGIC) {
                 // Plain local tar: keep the file seekable so skipped members are sought over.
                 return Ok(Box::new(LocalMedium::new(file).map_err(shard_err)?));
             }
-            Box::new(file)
+            BufReader::with_capacity(HTTP_BUFFER, Box::new(file))
         };
-        let mut reader = BufReader::with_capacity(HTTP_BUFFER, stream);
-        if is_gzip(path, &mut reader).map_err(shard_err)? {
+        let gzip = by_name || reader.fill_buf().map_err(shard_err)?.starts_with(&GZIP_MAGIC);
+        if gzip {
             Ok(Box::new(StreamMedium::new(BufReader::with_capacity(HTTP_BUFFER, MultiGzDecoder::new(reader)))))
         } else {
             Ok(Box::new(StreamMedium::new(reader)))
@@ -132,18 +133,15 @@ impl Shard {
     }
 }
 
-/// Whether a shard is gzip-compressed: its name ends in `.gz` or `.tgz`, or its first bytes are the gzip magic.
-fn is_gzip(name: &str, reader: &mut impl BufRead) -> std::io::Result<bool> {
+/// Whether a shard's name says it is gzip-compressed (`.gz`, `.tgz`, before a query string). A shard whose
+/// first bytes are the gzip magic is too, whatever its name.
+fn gzip_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    let lower = lower.split(['?', '#']).next().unwrap_or(&lower);
-    if lower.ends_with(".gz") || lower.ends_with(".tgz") {
-        return Ok(true);
-    }
-    Ok(reader.fill_buf()?.starts_with(&GZIP_MAGIC))
+    lower.split(['?', '#']).next().is_some_and(|p| p.ends_with(".gz") || p.ends_with(".tgz"))
 }
 
 /// The first two bytes of a gzip stream.
-pub(crate) const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 /// The per-medium iterators behind a [`ShardReader`].
 enum Inner {

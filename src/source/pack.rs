@@ -31,9 +31,8 @@ pub struct ShardWriter {
     max_count: usize,
     max_size: u64,
     current: Option<OpenShard>,
-    written: Vec<PathBuf>,
-    /// Samples and bytes of each written shard.
-    sizes: Vec<(u64, u64)>,
+    /// Every closed shard: path, samples, bytes.
+    written: Vec<(PathBuf, u64, u64)>,
 }
 
 impl ShardWriter {
@@ -48,15 +47,7 @@ impl ShardWriter {
         }
         let out_dir = out_dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(format!("creating `{}`", out_dir.display()), e))?;
-        Ok(Self {
-            out_dir,
-            prefix: prefix.to_string(),
-            max_count,
-            max_size,
-            current: None,
-            written: Vec::new(),
-            sizes: Vec::new(),
-        })
+        Ok(Self { out_dir, prefix: prefix.to_string(), max_count, max_size, current: None, written: Vec::new() })
     }
 
     /// Serialises one sample's members as tar entries (no end marker).
@@ -121,8 +112,7 @@ impl ShardWriter {
             shard.out.write_all(&[0u8; TRAILER as usize]).map_err(|e| Error::io(context.clone(), e))?;
             let file = shard.out.into_inner().map_err(|e| Error::io(context.clone(), e.into_error()))?;
             file.sync_all().map_err(|e| Error::io(context, e))?;
-            self.written.push(shard.path);
-            self.sizes.push((shard.count as u64, shard.size + TRAILER));
+            self.written.push((shard.path, shard.count as u64, shard.size + TRAILER));
         }
         Ok(())
     }
@@ -132,17 +122,20 @@ impl ShardWriter {
     /// the shards. Returns the shard paths and the manifest's path.
     pub fn finish_indexed(mut self) -> Result<(Vec<PathBuf>, PathBuf)> {
         self.close_current()?;
-        let written: Vec<(PathBuf, u64, u64)> =
-            self.written.iter().zip(&self.sizes).map(|(p, (n, size))| (p.clone(), *n, *size)).collect();
         let path = self.out_dir.join(format!("{}.json", self.prefix));
-        super::Manifest::from_written(&written).write(&path)?;
-        Ok((std::mem::take(&mut self.written), path))
+        super::Manifest::from_written(&self.written).write(&path)?;
+        Ok((self.paths(), path))
     }
 
     /// Closes the last shard and returns the paths of every shard written, in order.
     pub fn finish(mut self) -> Result<Vec<PathBuf>> {
         self.close_current()?;
-        Ok(std::mem::take(&mut self.written))
+        Ok(self.paths())
+    }
+
+    /// Paths of the shards closed so far, in order.
+    fn paths(&self) -> Vec<PathBuf> {
+        self.written.iter().map(|(p, ..)| p.clone()).collect()
     }
 }
 

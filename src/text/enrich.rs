@@ -22,7 +22,8 @@
 //!    goose/geese, foot/feet, tooth/teeth, man/men and -man/-men, child/children, person/people, ox/oxen,
 //!    die/dice, cactus/cacti, fungus/fungi, octopus/octopi; sheep, fish, deer, … are their own plural).
 //!    The caption is lowercased and split into words once; the synonyms are looked up in a hash map keyed by
-//!    their first word, so the scan is linear in the caption's length.
+//!    their first word, so the scan is linear in the caption's length. The map is built once per concept and
+//!    kept by the enricher.
 //! 4. **Render.** The remaining classes are joined as "a", "a and b", "a, b and c" and put into
 //!    [`EnrichConfig::template`] (default `"{caption}, with {classes}"`; the caption is inserted with its
 //!    leading and trailing whitespace removed). A missing or blank caption uses
@@ -57,6 +58,7 @@
 //! A caption that overflows on its own with nothing to add is left to the tokenizer's truncation.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use super::phrase;
 use crate::error::{Error, Result};
@@ -162,22 +164,77 @@ pub struct Enricher {
     /// Synonyms per class id (the ImageNet labels by default; the loader hands over its own vocabulary).
     vocabulary: Vocabulary,
     seed: u64,
+    /// The mention matchers built so far, one per concept (at most one per concept of the vocabulary), shared
+    /// by the stage's workers: the terms of a broad concept are many, and building its patterns per sample would
+    /// cost more than the scan.
+    mentions: Arc<Mutex<HashMap<MentionKey, Arc<Mentions>>>>,
+}
+
+/// What identifies a concept's mention terms: class id, WordNet id, name.
+type MentionKey = (Option<u32>, String, String);
+
+/// The words that name one concept, compiled for the caption scan.
+#[derive(Debug)]
+struct Mentions {
+    /// Its own words and those of every concept below it.
+    own: Patterns,
+    /// The names of its nameable hypernyms.
+    above: Patterns,
+}
+
+/// Lowercase word sequences (the last word in each of its plural forms), indexed by their first word so that a
+/// scan is linear in the caption's length.
+#[derive(Debug, Default)]
+struct Patterns(HashMap<String, Vec<Vec<String>>>);
+
+impl Patterns {
+    fn new<'a>(terms: impl Iterator<Item = &'a str>) -> Self {
+        let mut by_first: HashMap<String, Vec<Vec<String>>> = HashMap::new();
+        for term in terms {
+            let lower = term.to_lowercase();
+            let words: Vec<&str> = words(&lower).collect();
+            let Some((last, init)) = words.split_last() else { continue };
+            for form in plural_forms(last) {
+                let mut pattern: Vec<String> = init.iter().map(|w| w.to_string()).collect();
+                pattern.push(form);
+                by_first.entry(pattern[0].clone()).or_default().push(pattern);
+            }
+        }
+        Self(by_first)
+    }
+
+    /// Whether `caption_words` (lowercased) contain one of the patterns as consecutive whole words.
+    fn found_in(&self, caption_words: &[&str]) -> bool {
+        caption_words.iter().enumerate().any(|(at, word)| {
+            self.0.get(*word).is_some_and(|patterns| {
+                let rest = &caption_words[at..];
+                patterns.iter().any(|p| rest.len() >= p.len() && p.iter().zip(rest).all(|(a, b)| a == b))
+            })
+        })
+    }
 }
 
 impl Enricher {
     /// An enricher with the ImageNet-1k labels as the synonym table; fails when the settings have problems.
     pub fn new(config: EnrichConfig, seed: u64) -> Result<Self> {
+        Self::with_vocabulary_of(config, seed, Vocabulary::imagenet()?)
+    }
+
+    /// An enricher that checks captions against `vocabulary` (the one the extract stage names concepts with);
+    /// fails when the settings have problems.
+    pub fn with_vocabulary_of(config: EnrichConfig, seed: u64, vocabulary: Vocabulary) -> Result<Self> {
         let problems = config.problems();
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        Ok(Self { config, vocabulary: Vocabulary::imagenet()?, seed })
+        Ok(Self { config, vocabulary, seed, mentions: Arc::default() })
     }
 
     /// Replaces the synonym table (index: class id) for a custom vocabulary. A class's own name always counts
     /// as a synonym; ids past the table's end have no other synonyms.
     pub fn with_synonyms(mut self, synonyms: Vec<Vec<String>>) -> Self {
         self.vocabulary = Vocabulary::from_table(synonyms);
+        self.mentions = Arc::default();
         self
     }
 
@@ -185,6 +242,7 @@ impl Enricher {
     /// or renamed vocabulary decides mentions too.
     pub fn with_vocabulary(mut self, vocabulary: Vocabulary) -> Self {
         self.vocabulary = vocabulary;
+        self.mentions = Arc::default();
         self
     }
 
@@ -281,39 +339,33 @@ impl Enricher {
         classes
             .iter()
             .map(|class| {
-                let terms = self.vocabulary.mention_terms(class);
-                let own = std::iter::once(class.name.as_str()).chain(terms.own.iter().map(String::as_str));
-                if contains_any(&caption_words, own) {
+                let m = self.mentions_of(class);
+                if m.own.found_in(&caption_words) {
                     return true;
                 }
                 let specific = class.id.is_some() && class.prob >= self.config.specific_prob;
-                !specific && contains_any(&caption_words, terms.above.iter().map(String::as_str))
+                !specific && m.above.found_in(&caption_words)
             })
             .collect()
     }
-}
 
-/// Whether `caption_words` (lowercased) contain any of `terms` as consecutive whole words, the last word in any of
-/// its plural forms.
-fn contains_any<'a>(caption_words: &[&str], terms: impl Iterator<Item = &'a str>) -> bool {
-    // Patterns indexed by their first word, so the scan is linear in the caption's length.
-    let mut by_first: HashMap<String, Vec<Vec<String>>> = HashMap::new();
-    for term in terms {
-        let lower = term.to_lowercase();
-        let words: Vec<&str> = words(&lower).collect();
-        let Some((last, init)) = words.split_last() else { continue };
-        for form in plural_forms(last) {
-            let mut pattern: Vec<String> = init.iter().map(|w| w.to_string()).collect();
-            pattern.push(form);
-            by_first.entry(pattern[0].clone()).or_default().push(pattern);
+    /// The compiled mention terms of `class`, built on first use.
+    fn mentions_of(&self, class: &Class) -> Arc<Mentions> {
+        let key = (class.id, class.wnid.clone(), class.name.clone());
+        if let Some(m) = self.mentions.lock().ok().and_then(|c| c.get(&key).cloned()) {
+            return m;
         }
+        let terms = self.vocabulary.mention_terms(class);
+        let own = std::iter::once(class.name.as_str()).chain(terms.own.iter().map(String::as_str));
+        let m = Arc::new(Mentions {
+            own: Patterns::new(own),
+            above: Patterns::new(terms.above.iter().map(String::as_str)),
+        });
+        if let Ok(mut cache) = self.mentions.lock() {
+            cache.insert(key, m.clone());
+        }
+        m
     }
-    caption_words.iter().enumerate().any(|(at, word)| {
-        by_first.get(*word).is_some_and(|patterns| {
-            let rest = &caption_words[at..];
-            patterns.iter().any(|p| rest.len() >= p.len() && p.iter().zip(rest).all(|(a, b)| a == b))
-        })
-    })
 }
 
 /// An enriched outcome.

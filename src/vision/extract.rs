@@ -47,13 +47,14 @@
 //! the other scorers the classifier runs here, micro-batched on a model thread ([`BatchStage`]), on the full image
 //! re-normalised to ImageNet's statistics when the scorer's preprocessing differed.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use super::hierarchy::{ConceptId, Hierarchy};
 use super::score::{Classified, Classifier, failed_all};
 use super::vocabulary::Vocabulary;
 use crate::decode::{IMAGENET_MEAN, IMAGENET_STD};
-use crate::error::{Error, Result, SampleError};
+use crate::error::SampleError;
 use crate::sample::{Candidate, Class, JuicedSample, Pruned, Scored};
 use crate::stage::{BatchStage, Stage};
 
@@ -97,20 +98,6 @@ impl Default for ExtractRule {
 }
 
 impl ExtractRule {
-    /// Parses `tree` or `flat`; `threshold` and `temperature` apply to `tree` (defaults
-    /// [`DEFAULT_THRESHOLD`], [`DEFAULT_TEMPERATURE`]).
-    pub fn parse(name: &str, threshold: Option<f32>, temperature: Option<f32>) -> Result<Self> {
-        match name {
-            "tree" => Ok(ExtractRule::Tree {
-                threshold: threshold.unwrap_or(DEFAULT_THRESHOLD),
-                temperature: temperature.unwrap_or(DEFAULT_TEMPERATURE),
-                confident: DEFAULT_CONFIDENT,
-            }),
-            "flat" => Ok(ExtractRule::Flat),
-            other => Err(Error::Config(vec![format!("unknown extract rule `{other}` (tree, flat)")])),
-        }
-    }
-
     /// Short name for summaries.
     pub fn name(&self) -> &'static str {
         match self {
@@ -145,11 +132,12 @@ impl ExtractRule {
     }
 }
 
-/// The positive mass of `map` inside `kept` over its total positive mass (0 for a map without any).
-fn evidence_inside(map: &[f32], kept: &[u32]) -> f32 {
+/// The positive mass of `map` inside `kept` over its total positive mass; `None` for a map without any (no
+/// evidence anywhere, which no share can stand for).
+fn evidence_inside(map: &[f32], kept: &[u32]) -> Option<f32> {
     let total: f32 = map.iter().map(|v| v.max(0.0)).sum();
     let inside: f32 = kept.iter().filter_map(|&i| map.get(i as usize)).map(|v| v.max(0.0)).sum();
-    if total > 0.0 { inside / total } else { 0.0 }
+    (total > 0.0).then(|| inside / total)
 }
 
 /// The evidence a concept needs inside the kept patches (module docs).
@@ -174,7 +162,7 @@ pub fn select_classes(
         .filter(|c| c.prob >= min_prob)
         .filter_map(|c| vocabulary.class(c.id, c.prob).map(|class| (c, class)))
         .take(top_k)
-        .filter(|(c, _)| evidence_inside(&c.map, kept) >= need && c.map.iter().any(|v| *v > 0.0))
+        .filter(|(c, _)| evidence_inside(&c.map, kept).is_some_and(|f| f >= need))
         .map(|(_, class)| class)
         .collect()
 }
@@ -219,15 +207,15 @@ fn core_region(map: &[f32]) -> Vec<bool> {
 }
 
 /// Class probabilities calibrated with a softmax temperature: `softmax(log p / t)`, i.e. `p^(1/t)` renormalised
-/// (the same as `softmax(logits / t)`). `t = 1` returns them unchanged.
-pub fn calibrate(probs: &[f32], temperature: f32) -> Vec<f32> {
+/// (the same as `softmax(logits / t)`). `t = 1` returns them unchanged, without a copy.
+pub fn calibrate(probs: &[f32], temperature: f32) -> Cow<'_, [f32]> {
     if temperature == 1.0 {
-        return probs.to_vec();
+        return Cow::Borrowed(probs);
     }
     let inv = 1.0 / f64::from(temperature);
     let powered: Vec<f64> = probs.iter().map(|&p| f64::from(p.max(0.0)).powf(inv)).collect();
     let total: f64 = powered.iter().sum();
-    if total > 0.0 { powered.iter().map(|&p| (p / total) as f32).collect() } else { probs.to_vec() }
+    if total > 0.0 { powered.iter().map(|&p| (p / total) as f32).collect() } else { Cow::Borrowed(probs) }
 }
 
 /// Settings of the tree rule for [`select_concepts`].
@@ -260,14 +248,14 @@ pub fn select_concepts(
     let top = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(c, &p)| (c as ConceptId, p));
     let confident = top.filter(|&(c, p)| p >= settings.confident && allowed(c));
     let calibrated = calibrate(probs, settings.temperature);
-    let probs = calibrated.as_slice();
+    let probs = calibrated.as_ref();
     let need = evidence_needed(kept.len(), n_patches, settings.margin);
     let Some((first, p)) = confident.or_else(|| h.select(probs, settings.threshold, &allowed)) else {
         return Vec::new();
     };
     let first_map = concept_map(h, first, candidates);
     let mut out = Vec::new();
-    if evidence_inside(&first_map, kept) >= need
+    if evidence_inside(&first_map, kept).is_some_and(|f| f >= need)
         && let Some(class) = vocabulary.class(first, p)
     {
         out.push(class);
@@ -278,9 +266,9 @@ pub fn select_concepts(
     let map = concept_map(h, second, candidates);
     let core = core_region(&first_map);
     let inside_first: Vec<u32> = (0..core.len() as u32).filter(|&i| core[i as usize]).collect();
-    let apart = 1.0 - evidence_inside(&map, &inside_first) > 0.5;
+    let apart = evidence_inside(&map, &inside_first).is_some_and(|f| 1.0 - f > 0.5);
     if apart
-        && evidence_inside(&map, kept) >= need
+        && evidence_inside(&map, kept).is_some_and(|f| f >= need)
         && let Some(class) = vocabulary.class(second, p2)
     {
         out.push(class);
@@ -332,9 +320,9 @@ impl Extract {
         p.into_juiced(classes)
     }
 
-    fn imagenet_input<'a>(&self, pixels: &'a [f32], size: usize) -> std::borrow::Cow<'a, [f32]> {
+    fn imagenet_input<'a>(&self, pixels: &'a [f32], size: usize) -> Cow<'a, [f32]> {
         match self.input_norm {
-            None => std::borrow::Cow::Borrowed(pixels),
+            None => Cow::Borrowed(pixels),
             Some((mean, std)) => {
                 let plane = size * size;
                 pixels
@@ -381,7 +369,7 @@ impl BatchStage for Extract {
         if let (Some(classifier), Some(&first)) = (&self.classifier, need.first()) {
             let size = items[first].scored.sample.size;
             let g = items[first].scored.grid;
-            let inputs: Vec<std::borrow::Cow<'_, [f32]>> =
+            let inputs: Vec<Cow<'_, [f32]>> =
                 need.iter().map(|&i| self.imagenet_input(&items[i].scored.sample.pixels, size)).collect();
             let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_ref()).collect();
             match classifier.classify(&refs, size, g, self.rule.candidates(self.top_k)) {
@@ -551,7 +539,7 @@ mod tests {
     #[test]
     fn calibration_flattens_and_keeps_the_order() {
         let p = [0.9, 0.09, 0.01];
-        assert_eq!(calibrate(&p, 1.0), p);
+        assert_eq!(*calibrate(&p, 1.0), p);
         let c = calibrate(&p, 2.0);
         assert!((c.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(c[0] < 0.9 && c[0] > c[1] && c[1] > c[2], "{c:?}");

@@ -370,10 +370,6 @@ const CLOSE_SHARE: (u32, u32) = (1, 8);
 static IMAGENET_JSON: &[u8] =
     include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/classes/imagenet1k_hierarchy.json"));
 
-/// torchvision's 1000 category names, one a line, in class-index order.
-static IMAGENET_CLASSES_TXT: &str =
-    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/mobilenet_v2/imagenet_classes.txt"));
-
 /// One concept: an ImageNet class or a WordNet hypernym node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Concept {
@@ -649,16 +645,15 @@ impl Hierarchy {
         Ok(Self { concepts, num_classes, by_wnid, ancestors, under, names_below, level })
     }
 
-    /// The embedded ImageNet-1k hierarchy (`fixtures/classes/imagenet1k_hierarchy.json` with torchvision's class
-    /// names from `fixtures/mobilenet_v2/imagenet_classes.txt`), parsed on first use and kept for the process.
+    /// The embedded ImageNet-1k hierarchy (`fixtures/classes/imagenet1k_hierarchy.json` with the class names of
+    /// [`crate::model::mobilenet_v2::imagenet_classes`]), parsed on first use and kept for the process.
     /// An error here means the embedded files are broken (a build problem); it is returned, never cached.
     pub fn imagenet() -> Result<&'static Hierarchy> {
         static CELL: OnceLock<Hierarchy> = OnceLock::new();
         if let Some(hierarchy) = CELL.get() {
             return Ok(hierarchy);
         }
-        let names: Vec<&str> = IMAGENET_CLASSES_TXT.lines().collect();
-        let parsed = Hierarchy::parse(IMAGENET_JSON, &names)?;
+        let parsed = Hierarchy::parse(IMAGENET_JSON, crate::model::mobilenet_v2::imagenet_classes())?;
         Ok(CELL.get_or_init(|| parsed))
     }
 
@@ -1185,8 +1180,8 @@ mod tests {
 
     #[test]
     fn parse_rejects_bad_input() {
-        let names: Vec<&str> = IMAGENET_CLASSES_TXT.lines().collect();
-        assert!(matches!(Hierarchy::parse(b"{", &names), Err(Error::Json { .. })));
+        let names = crate::model::mobilenet_v2::imagenet_classes();
+        assert!(matches!(Hierarchy::parse(b"{", names), Err(Error::Json { .. })));
         assert!(matches!(Hierarchy::parse(IMAGENET_JSON, &names[..999]), Err(Error::Config(_))));
         let tampered = |edit: &dyn Fn(&mut serde_json::Value)| {
             let mut v: serde_json::Value = serde_json::from_slice(IMAGENET_JSON).expect("valid JSON");

@@ -16,12 +16,12 @@
 //! [`Vocabulary::mention_terms`] gives, for an extracted concept, the words whose presence in a caption means the
 //! caption already names it, in two groups: **own** (its names and synonyms, and every name of a concept below
 //! it: "agama" names a lizard) and **above** (the names of its nameable hypernyms: "lizard" names an agama, but
-//! only coarsely). The enrich stage decides what each group suppresses. Terms are computed once per concept and
-//! cached (a broad concept such as "animal" has over a thousand).
+//! only coarsely). The enrich stage decides what each group suppresses, and keeps what it builds from them per
+//! concept (a broad concept such as "animal" has over a thousand terms).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -50,8 +50,6 @@ pub struct Vocabulary {
     renamed: Arc<HashMap<ConceptId, Vec<String>>>,
     /// The concepts that may be extracted, when restricted (class ids and node ids).
     allowed: Option<Arc<BTreeSet<ConceptId>>>,
-    /// Mention terms computed so far, per concept.
-    terms: Arc<Mutex<HashMap<ConceptId, Arc<MentionTerms>>>>,
 }
 
 /// One entry of a vocabulary file: a name, or a name followed by synonyms.
@@ -88,7 +86,7 @@ impl Vocabulary {
     /// A vocabulary from a synonym table (index: class id; the first synonym is the class's name), without a
     /// hierarchy. Ids past the table's end have no name and no synonyms.
     pub fn from_table(table: Vec<Vec<String>>) -> Self {
-        Self { hierarchy: None, table: Arc::new(table), renamed: Arc::default(), allowed: None, terms: Arc::default() }
+        Self { hierarchy: None, table: Arc::new(table), renamed: Arc::default(), allowed: None }
     }
 
     /// Restricts and renames concepts with a JSON object `{"<class id or wnid>": "<name>" | ["<name>", ...]}`:
@@ -147,7 +145,6 @@ impl Vocabulary {
             table: Arc::new(table),
             renamed: Arc::new(renamed),
             allowed: Some(Arc::new(allowed)),
-            terms: Arc::default(),
         })
     }
 
@@ -203,31 +200,26 @@ impl Vocabulary {
         }
     }
 
-    /// The words that mean a caption already names `class` (module docs); cached per concept.
-    pub fn mention_terms(&self, class: &Class) -> Arc<MentionTerms> {
-        let Some(id) = self.concept_of(class) else {
-            return Arc::new(MentionTerms { own: vec![class.name.clone()], above: Vec::new() });
-        };
-        if let Some(t) = self.terms.lock().ok().and_then(|t| t.get(&id).cloned()) {
-            return t;
+    /// The words that mean a caption already names `class` (module docs). Computed afresh: callers keep what they
+    /// build from them.
+    pub fn mention_terms(&self, class: &Class) -> MentionTerms {
+        match self.concept_of(class) {
+            Some(id) => self.compute_terms(id),
+            None => MentionTerms { own: vec![class.name.clone()], above: Vec::new() },
         }
-        let terms = Arc::new(self.compute_terms(id));
-        if let Ok(mut cache) = self.terms.lock() {
-            cache.insert(id, terms.clone());
-        }
-        terms
     }
 
     fn compute_terms(&self, id: ConceptId) -> MentionTerms {
-        let mut own: Vec<String> = Vec::new();
-        let mut above: Vec<String> = Vec::new();
-        let push = |list: &mut Vec<String>, s: &str| {
-            if !s.trim().is_empty() && !list.iter().any(|x| x.eq_ignore_ascii_case(s)) {
+        // Each list without case-insensitive repeats; `seen` holds the lowercased terms of both.
+        let (mut own, mut above) = (Vec::new(), Vec::new());
+        let (mut seen_own, mut seen_above) = (HashSet::new(), HashSet::new());
+        let push = |list: &mut Vec<String>, seen: &mut HashSet<String>, s: &str| {
+            if !s.trim().is_empty() && seen.insert(s.to_lowercase()) {
                 list.push(s.to_string());
             }
         };
         for s in self.own_names(id) {
-            push(&mut own, s);
+            push(&mut own, &mut seen_own, s);
         }
         if let Some(h) = self.hierarchy {
             let mut ancestors: Vec<ConceptId> =
@@ -235,17 +227,17 @@ impl Vocabulary {
             ancestors.sort_by_key(|&a| h.concept(a).map_or(u32::MAX, |c| c.n));
             for &a in &ancestors {
                 for s in self.own_names(a) {
-                    push(&mut above, s);
+                    push(&mut above, &mut seen_above, s);
                 }
             }
             for s in h.mention_terms(id) {
-                if !above.iter().any(|x| x.eq_ignore_ascii_case(s)) {
-                    push(&mut own, s);
+                if !seen_above.contains(&s.to_lowercase()) {
+                    push(&mut own, &mut seen_own, s);
                 }
             }
             for &c in h.classes_under(id) {
                 for s in self.synonyms(c) {
-                    push(&mut own, s);
+                    push(&mut own, &mut seen_own, s);
                 }
             }
         }
