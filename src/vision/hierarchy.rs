@@ -1187,7 +1187,7 @@ mod tests {
             let mut v: serde_json::Value = serde_json::from_slice(IMAGENET_JSON).expect("valid JSON");
             edit(&mut v);
             let bytes = serde_json::to_vec(&v).expect("serialises");
-            match Hierarchy::parse(&bytes, &names) {
+            match Hierarchy::parse(&bytes, names) {
                 Err(Error::Config(problems)) => problems.join("\n"),
                 other => panic!("expected a config error, got {other:?}"),
             }
@@ -1201,7 +1201,7 @@ mod tests {
         let msg = tampered(&|v| v["format"] = "imagenet1k-hierarchy/2".into());
         assert!(msg.contains("format"), "{msg}");
         // The embedded data parses the same way as `imagenet()`.
-        let parsed = Hierarchy::parse(IMAGENET_JSON, &names).expect("parses");
+        let parsed = Hierarchy::parse(IMAGENET_JSON, names).expect("parses");
         assert_eq!(parsed.concepts(), h().concepts());
     }
 
