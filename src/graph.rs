@@ -1,7 +1,9 @@
 //! The graph runtime: threads, bounded edges, micro-batching, reordering, metrics, shutdown.
 //!
 //! This is the only module that knows about threads and channels (crossbeam for the internal edges, a tokio
-//! `mpsc` for the last edge so that the same run can be consumed blocking or async). Stages are plain
+//! `mpsc` for the last edge so that the same run can be consumed blocking or async). It also owns the small
+//! tokio runtime that drives async I/O clients (object storage) for the blocking shard readers: [`block_on`]
+//! and [`Prefetch`]. Stages are plain
 //! functions or [`crate::stage::Stage`] / [`crate::stage::BatchStage`] implementations; the runtime wires
 //! them together.
 //!
@@ -751,6 +753,87 @@ impl<O> Drop for Run<O> {
         self.graph.shutdown.store(true, Ordering::SeqCst);
         while self.rx.try_recv().is_ok() {}
         self.graph.stop();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Async I/O for blocking readers.
+//
+// Object-store clients are async (tokio + hyper). Shard readers are blocking `Read`s on graph threads, so the
+// graph owns one small tokio runtime for that I/O and two bridges: `block_on` runs one future to completion,
+// `Prefetch` pumps a stream into a bounded queue (read-ahead) that a blocking reader drains. Both work from any
+// thread, inside a user's async runtime too (they block the calling thread, never enter the caller's runtime).
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Worker threads of the I/O runtime: the futures it drives only wait on sockets.
+const IO_THREADS: usize = 2;
+
+/// The process-wide runtime that drives async I/O clients (object storage), started on first use.
+fn io_runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: std::sync::OnceLock<std::result::Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(IO_THREADS)
+                .thread_name("juicer-io")
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| Error::Stage { stage: "io".into(), detail: format!("cannot start the I/O runtime: {e}") })
+}
+
+/// Runs `future` on the I/O runtime and blocks the calling thread until it completes.
+pub fn block_on<F>(future: F) -> Result<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let task = io_runtime()?.spawn(future);
+    futures::executor::block_on(task)
+        .map_err(|e| Error::Stage { stage: "io".into(), detail: format!("I/O task failed: {e}") })
+}
+
+/// A stream pumped on the I/O runtime into a bounded queue of `depth` items, drained by a blocking iterator.
+///
+/// The pump runs ahead of the reader by at most `depth` items (backpressure, as every edge). Dropping the
+/// `Prefetch` stops the pump.
+pub struct Prefetch<T> {
+    rx: tokio::sync::mpsc::Receiver<T>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl<T: Send + 'static> Prefetch<T> {
+    /// Starts pumping `stream`.
+    pub fn new(stream: futures::stream::BoxStream<'static, T>, depth: usize) -> Result<Self> {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+        let mut stream = stream;
+        let pump = io_runtime()?.spawn(async move {
+            while let Some(item) = stream.next().await {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { rx, pump })
+    }
+}
+
+impl<T> Iterator for Prefetch<T> {
+    type Item = T;
+
+    /// Blocks until the next item; `None` once the stream ended.
+    fn next(&mut self) -> Option<T> {
+        futures::executor::block_on(self.rx.recv())
+    }
+}
+
+impl<T> Drop for Prefetch<T> {
+    fn drop(&mut self) {
+        self.pump.abort();
     }
 }
 

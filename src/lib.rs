@@ -76,9 +76,12 @@
 //!   each item with its checkpoint [`plan::Trace`].
 //! - [`plan`]: ranks ([`World`]: explicit, torchrun, Slurm), the per-epoch shard order and rank split
 //!   ([`plan::ShardPlan`]), epoch length across ranks ([`EpochSize`]), and the checkpoint [`LoaderState`].
-//! - [`source`]: WebDataset tar shards (local, `http(s)://` streamed with Range-resume), folder + JSONL, shard
-//!   specs (globs, brace ranges), and [`source::ShardWriter`]. **Invariant:** a sample is read whole or reported
-//!   as `Truncated`, never short.
+//! - [`source`]: `mod.rs` ([`source::Shard`], [`source::ReadOptions`], the I/O counters), `tar.rs` (the
+//!   WebDataset grouping rules), `http.rs` (`http(s)://` streamed with Range-resume), `object.rs` (S3, GCS,
+//!   Azure, `file://` through `object_store`: ETag-pinned ranged resume, counted retries, listing globs),
+//!   `folder.rs` (folder + JSONL), `spec.rs` (globs, brace ranges), `manifest.rs` (wids shard lists),
+//!   `pack.rs` ([`source::ShardWriter`]). **Invariant:** a sample is read whole or reported as `Truncated`, never
+//!   short.
 //! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode
 //!   stage; the one copy of the ImageNet and CLIP normalisation constants.
 //! - [`sample`]: the item each edge carries ([`RawSample`] → [`Decoded`] → [`Scored`](sample::Scored) →

@@ -80,10 +80,26 @@ enum EpochPolicy {
     Repeat,
 }
 
+/// `KEY=VALUE` of `--storage-option`.
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not KEY=VALUE"))
+}
+
 #[derive(Args, Clone)]
 struct RunArgs {
-    /// Shards: paths, globs, brace ranges (`shards-{000000..000009}.tar`), http(s) URLs, or a folder with captions.jsonl.
+    /// Shards: paths, globs, brace ranges (`shards-{000000..000009}.tar`), http(s) URLs, object-store URLs
+    /// (`s3://`, `gs://`, `az://`, `file://`), manifests (`.json`), or a folder with captions.jsonl.
     sources: Vec<String>,
+    /// Object-store setting KEY=VALUE (e.g. aws_endpoint=http://127.0.0.1:9000, aws_region=eu-west-1);
+    /// overrides the AWS_*/GOOGLE_*/AZURE_* environment. Repeatable.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    storage_options: Vec<(String, String)>,
+    /// Count samples per shard afresh instead of through the on-disk count cache (~/.cache/juicer, or
+    /// JUICER_CACHE_DIR), when counts are needed and no manifest gives them.
+    #[arg(long)]
+    no_count_cache: bool,
     /// Write one JSON record per sample to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE|-")]
     jsonl: Option<String>,
@@ -185,8 +201,9 @@ struct RunArgs {
     /// Model threads (model replicas) per model stage; on a CPU device more than one uses more cores.
     #[arg(long, default_value_t = 1)]
     model_workers: usize,
-    /// Cache the scorer's outputs (cam, attention) in DIR so later epochs and runs skip the scoring model.
-    #[arg(long, value_name = "DIR")]
+    /// Cache the scorer's outputs (cam, attention) in DIR so later epochs and runs skip the scoring model; an
+    /// object-store URL (s3://bucket/cache) shares the cache across ranks and jobs.
+    #[arg(long, value_name = "DIR|URL")]
     score_cache: Option<PathBuf>,
     /// Most bytes the score cache keeps (oldest entries go first).
     #[arg(long, default_value_t = 1 << 30)]
@@ -218,25 +235,29 @@ struct IndexArgs {
     /// Shards (paths, globs, brace ranges, URLs), or with --merge the manifests to join.
     #[arg(required = true)]
     sources: Vec<String>,
-    /// The manifest to write.
+    /// The manifest to write: a path or an object-store URL.
     #[arg(long)]
-    out: PathBuf,
-    /// Join the given manifests, in order, instead of reading shards.
+    out: String,
+    /// Join the given manifests (paths, URLs, globs, brace ranges), in order, instead of reading shards.
     #[arg(long)]
     merge: bool,
     /// Shards read at a time.
     #[arg(long, default_value_t = 8)]
     jobs: usize,
+    /// Object-store setting KEY=VALUE (see `juicer run --help`). Repeatable.
+    #[arg(long = "storage-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    storage_options: Vec<(String, String)>,
 }
 
 fn index(args: IndexArgs) -> anyhow::Result<()> {
     use juicer::source::Manifest;
-    let opts = juicer::source::ReadOptions::default();
+    let opts = juicer::source::ReadOptions { storage_options: args.storage_options.clone(), ..Default::default() };
     let manifest = if args.merge {
-        let parts = args.sources.iter().map(|m| Manifest::read(m, &opts)).collect::<juicer::Result<Vec<_>>>()?;
+        let names = juicer::source::expand_names(&args.sources, &opts)?;
+        let parts = names.iter().map(|m| Manifest::read(m, &opts)).collect::<juicer::Result<Vec<_>>>()?;
         Manifest::merge(parts)?
     } else {
-        let shards = resolve(&args.sources, usize::MAX)?;
+        let (shards, _) = juicer::source::resolve_counted(&args.sources, usize::MAX, &opts)?;
         let bar = indicatif::ProgressBar::new(shards.len() as u64);
         if !std::io::stderr().is_terminal() {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -245,8 +266,8 @@ fn index(args: IndexArgs) -> anyhow::Result<()> {
         bar.finish_and_clear();
         m
     };
-    manifest.write(&args.out)?;
-    eprintln!("{} shard(s), {} samples -> {}", manifest.shards.len(), manifest.total(), args.out.display());
+    manifest.save(&args.out, &opts)?;
+    eprintln!("{} shard(s), {} samples -> {}", manifest.shards.len(), manifest.total(), args.out);
     Ok(())
 }
 
@@ -350,6 +371,12 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     if let Some(w) = args.workers {
         builder = builder.decode_workers(w);
     }
+    for (k, v) in &args.storage_options {
+        builder = builder.storage_option(k, v);
+    }
+    if args.no_count_cache {
+        builder = builder.no_count_cache();
+    }
     if let Some(l) = args.limit {
         builder = builder.limit(l);
     }
@@ -426,7 +453,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             std::fs::File::create(path).with_context(|| format!("creating {path}"))?,
         ))),
     };
-    let total = loader.epoch_samples(0).ok();
+    // The progress bar's total only where it costs no shard read (a loader that needs no counts never scans).
+    let total = if loader.counts_are_known() { loader.epoch_samples(0).ok() } else { None };
     let bar = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new(total.unwrap_or(0));
         bar.set_style(
@@ -531,6 +559,15 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
             c.bytes as f64 / (1024.0 * 1024.0)
         );
     }
+    if s.io.requests > 0 {
+        eprintln!(
+            "  remote   requests {}  retries {}  failures {}  ({:.1} MiB received)",
+            s.io.requests,
+            s.io.retries,
+            s.io.failures,
+            s.io.bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
     for (reason, n) in &s.dropped {
         eprintln!("  dropped  {reason:<18} {n}");
     }
@@ -615,10 +652,13 @@ fn show(args: ShowArgs) -> anyhow::Result<()> {
 struct WriteArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Output directory (created if missing).
+    /// Output directory (created if missing), or an object-store folder (s3://bucket/out, gs://, az://).
     #[arg(long)]
     out: PathBuf,
-    /// Shard file prefix: PREFIX-000000.tar, ...
+    /// Shard file prefix: PREFIX-000000.tar, ... In a job of several tasks (--rank/--world-size,
+    /// SLURM_ARRAY_TASK_ID/COUNT, or JOB_COMPLETION_INDEX with --world-size) each task writes
+    /// PREFIX-TTTTT-of-NNNNN-000000.tar, ... and its manifest part PREFIX-TTTTT-of-NNNNN.json; join the parts
+    /// with `juicer index --merge`.
     #[arg(long, default_value = "juiced")]
     prefix: String,
     /// Samples per shard.
@@ -635,8 +675,14 @@ fn write(args: WriteArgs) -> anyhow::Result<()> {
     if args.run.jsonl.is_some() {
         bail!("write takes no --jsonl: each sample's record is its KEY.json in the shards");
     }
-    let loader = loader_builder(&args.run)?.build_with(HostBatcher)?;
-    let opts = WriteOptions { prefix: args.prefix, max_count: args.max_count, max_size: args.max_size };
+    // A fanned-out job: this process is task `rank` of `world_size` (flags, Slurm array, Kubernetes Indexed Job)
+    // and reads its share of the shards once.
+    let task = juicer::World::resolve_task(args.run.rank, args.run.world_size)?;
+    let mut run = args.run.clone();
+    (run.rank, run.world_size, run.epoch_size) = (Some(task.rank), Some(task.world_size), EpochPolicy::Exhaust);
+    let loader = loader_builder(&run)?.build_with(HostBatcher)?;
+    let prefix = juicer::write::task_prefix(&args.prefix, task.rank, task.world_size);
+    let opts = WriteOptions { prefix, max_count: args.max_count, max_size: args.max_size };
     let report = write_shards(&loader, &args.out, &opts, &mut |e| eprintln!("dropped: {e}"))?;
     eprintln!(
         "juicer write: read {}  =  written {}  +  dropped {}   ({} shard(s) in {})",

@@ -76,6 +76,53 @@ impl World {
         world.validate().map(|()| world)
     }
 
+    /// The task index and count of an offline job fanned out by a scheduler (`juicer write`), as a world:
+    /// explicit values first, then a Slurm job array (`SLURM_ARRAY_TASK_ID` − `SLURM_ARRAY_TASK_MIN` of
+    /// `SLURM_ARRAY_TASK_COUNT`), then a Kubernetes Indexed Job (`JOB_COMPLETION_INDEX`; the count must be given,
+    /// Kubernetes does not export it), then [`World::resolve`]'s variables.
+    pub fn resolve_task(task: Option<usize>, tasks: Option<usize>) -> Result<World> {
+        Self::resolve_task_with(task, tasks, |k| std::env::var(k).ok())
+    }
+
+    /// [`World::resolve_task`] with an explicit environment lookup (for tests).
+    pub fn resolve_task_with(
+        task: Option<usize>,
+        tasks: Option<usize>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<World> {
+        let parse = |k: &str| -> Result<Option<usize>> {
+            env(k)
+                .map(|v| {
+                    v.trim()
+                        .parse::<usize>()
+                        .map_err(|_| Error::Config(vec![format!("environment variable {k}={v:?} is not a number")]))
+                })
+                .transpose()
+        };
+        let (rank, world_size) = if let (Some(r), Some(w)) = (task, tasks) {
+            (r, w)
+        } else if let (Some(id), Some(count)) = (parse("SLURM_ARRAY_TASK_ID")?, parse("SLURM_ARRAY_TASK_COUNT")?) {
+            let min = parse("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let index = id.checked_sub(min).ok_or_else(|| {
+                Error::Config(vec![format!("SLURM_ARRAY_TASK_ID {id} is below SLURM_ARRAY_TASK_MIN {min}")])
+            })?;
+            (task.unwrap_or(index), tasks.unwrap_or(count))
+        } else if let Some(index) = parse("JOB_COMPLETION_INDEX")? {
+            let count = tasks.ok_or_else(|| {
+                Error::Config(vec![
+                    "JOB_COMPLETION_INDEX is set (Kubernetes Indexed Job): give the task count (--world-size, the \
+                     Job's `completions`)"
+                        .into(),
+                ])
+            })?;
+            (task.unwrap_or(index), count)
+        } else {
+            return Self::resolve_with(task, tasks, env);
+        };
+        let world = World { rank, world_size };
+        world.validate().map(|()| world)
+    }
+
     fn validate(&self) -> Result<()> {
         if self.world_size == 0 || self.rank >= self.world_size {
             return Err(Error::Config(vec![format!(
@@ -316,6 +363,19 @@ impl ShardPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn array_tasks_from_slurm_kubernetes_or_flags() {
+        let slurm = [("SLURM_ARRAY_TASK_ID", "7"), ("SLURM_ARRAY_TASK_MIN", "5"), ("SLURM_ARRAY_TASK_COUNT", "3")];
+        assert_eq!(World::resolve_task_with(None, None, env(&slurm)).unwrap(), World { rank: 2, world_size: 3 });
+        let k8s = [("JOB_COMPLETION_INDEX", "1")];
+        assert_eq!(World::resolve_task_with(None, Some(4), env(&k8s)).unwrap(), World { rank: 1, world_size: 4 });
+        assert!(World::resolve_task_with(None, None, env(&k8s)).is_err(), "Kubernetes gives no count");
+        assert_eq!(World::resolve_task_with(Some(0), Some(2), env(&slurm)).unwrap(), World { rank: 0, world_size: 2 });
+        assert_eq!(World::resolve_task_with(None, None, env(&[])).unwrap(), World::default());
+        let bad = [("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "3")];
+        assert!(World::resolve_task_with(None, None, env(&bad)).is_err(), "index 3 of 3");
+    }
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())

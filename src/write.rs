@@ -75,9 +75,9 @@ impl Default for WriteOptions {
 /// What [`write_shards`] did. `read == written + dropped_total()`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct WriteReport {
-    /// Paths of the shards written, in order.
+    /// Paths (or object URLs) of the shards written, in order.
     pub shards: Vec<PathBuf>,
-    /// The shards' manifest (`OUT/PREFIX.json`, `wids` format with sample counts).
+    /// The shards' manifest (`OUT/PREFIX.json`, `wids` format with sample counts), a path or an object URL.
     pub manifest: PathBuf,
     /// Samples the pipeline read.
     pub read: u64,
@@ -97,8 +97,17 @@ impl WriteReport {
     }
 }
 
+/// The shard prefix of task `task` of `tasks` in a fanned-out job: `{prefix}-{task:05}-of-{tasks:05}` (the
+/// prefix itself for a single task). A re-run task writes exactly the names it wrote before, so it replaces its
+/// own output and nothing else; its manifest part is `{that prefix}.json`.
+pub fn task_prefix(prefix: &str, task: usize, tasks: usize) -> String {
+    if tasks <= 1 { prefix.to_string() } else { format!("{prefix}-{task:05}-of-{tasks:05}") }
+}
+
 /// Runs one epoch of `loader` (the next one, as `juicer run` does) and writes every juiced sample into shards
-/// in `out_dir` with the [layout](crate::write#layout) of this module, in the loader's output order.
+/// in `out_dir` with the [layout](crate::write#layout) of this module, in the loader's output order. `out_dir`
+/// may be an object-store folder (`s3://bucket/out`, given as a path): the shards are then staged locally and
+/// uploaded one by one as they complete (see [`ShardWriter::to_url`]), with the loader's storage options.
 ///
 /// `on_drop` sees every dropped sample (pipeline drops and samples this function cannot store). Errors: the
 /// loader's fatal errors, and [`Error::Io`] when a shard cannot be created or written.
@@ -110,7 +119,12 @@ pub fn write_shards(
 ) -> Result<WriteReport> {
     let decode = &loader.config().decode;
     let (mean, std) = (decode.mean, decode.std);
-    let mut writer = ShardWriter::new(out_dir, &opts.prefix, opts.max_count, opts.max_size)?;
+    let out = out_dir.to_string_lossy();
+    let mut writer = if crate::source::is_object_url(&out) {
+        ShardWriter::to_url(&out, &opts.prefix, opts.max_count, opts.max_size, &loader.config().read)?
+    } else {
+        ShardWriter::new(out_dir, &opts.prefix, opts.max_count, opts.max_size)?
+    };
     let mut report = WriteReport::default();
     let mut own_drops = BTreeMap::<String, u64>::new();
     let mut last_key: Option<String> = None;

@@ -61,7 +61,7 @@ fn write_tar(path: &Path, entries: &[Entry<'_>]) -> Shard {
 }
 
 fn opts() -> ReadOptions {
-    ReadOptions { http_retries: 2, http_timeout: Duration::from_secs(5) }
+    ReadOptions { http_retries: 2, http_timeout: Duration::from_secs(5), ..ReadOptions::default() }
 }
 
 fn read(shard: &Shard, skip: usize) -> Vec<Result<RawSample, SampleError>> {

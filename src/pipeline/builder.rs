@@ -101,6 +101,26 @@ impl JuicerBuilder {
     verb!(/// Runs only the stages up to this one (benchmarks).
         last_stage: LastStage => last_stage);
 
+    /// Keeps the per-shard sample counts of the count scan in `dir` (see [`crate::source::CountCache`]).
+    pub fn count_cache(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.config.count_cache = Some(dir.into());
+        self
+    }
+
+    /// Scans shards for their counts every time (no count cache).
+    pub fn no_count_cache(mut self) -> Self {
+        self.config.count_cache = None;
+        self
+    }
+
+    /// Sets one object-store option (an `object_store` config key such as `aws_endpoint`, `aws_region`,
+    /// `aws_access_key_id`, `google_service_account`, `azure_storage_account_name`), overriding the
+    /// `AWS_*`/`GOOGLE_*`/`AZURE_*` environment for `s3://`, `gs://` and `az://` sources.
+    pub fn storage_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.read.storage_options.push((key.into(), value.into()));
+        self
+    }
+
     /// Caches the scorer's outputs on disk (bounded) so that later epochs, and later runs over the same data
     /// with the same scorer and weights, skip the scoring model.
     pub fn score_cache(mut self, cache: ScoreCacheConfig) -> Self {
@@ -171,7 +191,7 @@ impl JuicerBuilder {
     }
 
     /// Builds a loader whose batches come from the user's burn `Batcher`.
-    pub fn build_with<O, B>(self, batcher: B) -> Result<Juicer<O>>
+    pub fn build_with<O, B>(mut self, batcher: B) -> Result<Juicer<O>>
     where
         B: Batcher<JuicedSample, O> + 'static,
         O: Send + 'static,
@@ -192,6 +212,8 @@ impl JuicerBuilder {
             return Err(Error::Config(problems));
         }
         let world = world.unwrap_or_default();
+        // Fresh I/O counters per loader (a cloned config would otherwise share them).
+        self.config.read.stats = crate::source::IoStats::default();
         let (shards, known) = resolve_counted(&self.sources, self.config.folder_shard_size, &self.config.read)?;
         let (shards, known): (Arc<[Shard]>, Arc<[Option<u64>]>) = (shards.into(), known.into());
         if shards.len() < world.world_size {

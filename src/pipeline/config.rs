@@ -44,6 +44,10 @@ pub struct Config {
     pub read: ReadOptions,
     /// Entries per virtual shard of a folder + JSONL source (default 256).
     pub folder_shard_size: usize,
+    /// Directory of the on-disk cache of per-shard sample counts ([`crate::source::CountCache`]), used when
+    /// counts are needed and no manifest gives them (default: [`crate::source::default_cache_dir`]; `None`
+    /// scans every time).
+    pub count_cache: Option<std::path::PathBuf>,
     /// Device the models run on and the batches are created on.
     pub device: DeviceSpec,
     /// The vision branch: scorer, keep policy, class extraction.
@@ -122,6 +126,7 @@ impl Default for Config {
             range: None,
             read: ReadOptions::default(),
             folder_shard_size: 256,
+            count_cache: crate::source::default_cache_dir(),
             device: DeviceSpec::Auto,
             vision: VisionConfig::default(),
             text: EnrichConfig::default(),

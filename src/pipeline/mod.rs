@@ -110,8 +110,15 @@ impl<O: Send + 'static> Juicer<O> {
         &self.device
     }
 
+    /// Whether [`Juicer::shard_counts`] answers without reading any shard: a manifest (or folder source) gave
+    /// every count, or they were counted already.
+    pub fn counts_are_known(&self) -> bool {
+        self.shared.counts.get().is_some() || self.shared.known.iter().all(Option::is_some)
+    }
+
     /// Sample count of every shard, done once and cached: from the manifest (or folder JSONL) where the sources
-    /// give it, else from a header-only scan of the shards whose count is unknown, [`SCAN_JOBS`] at a time.
+    /// give it, else from the count cache ([`Config::count_cache`]) or a header-only scan of the shards whose
+    /// count is unknown, [`SCAN_JOBS`] at a time, with a progress line on a terminal.
     pub fn shard_counts(&self) -> Result<Vec<usize>> {
         self.shared
             .counts
@@ -122,7 +129,21 @@ impl<O: Send + 'static> Juicer<O> {
                 let mut scanned = if unknown.is_empty() {
                     Vec::new()
                 } else {
-                    Manifest::index(&unknown, &s.config.read, SCAN_JOBS, &|_| {}).map_err(|e| e.to_string())?.shards
+                    let n = unknown.len();
+                    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+                    // The library's one progress line: a scan over many remote shards takes a while.
+                    let progress = |done: usize| {
+                        if terminal && (done == n || done.is_multiple_of(16)) {
+                            eprint!(
+                                "\rjuicer: counting samples (no manifest): {done}/{n} shards{}",
+                                if done == n { "\n" } else { "" }
+                            );
+                        }
+                    };
+                    let cache = s.config.count_cache.as_deref();
+                    Manifest::index_cached(&unknown, &s.config.read, SCAN_JOBS, cache, &progress)
+                        .map_err(|e| e.to_string())?
+                        .shards
                 }
                 .into_iter();
                 s.known
@@ -280,6 +301,7 @@ impl<O: Send + 'static> Juicer<O> {
         Ok(JuicerIter {
             run,
             forwards: s.models.classifier.forwards(),
+            io: s.config.read.stats.clone(),
             score_cache: s.models.score_cache.clone(),
             state: first_state,
             dropped: Vec::new(),
@@ -294,6 +316,7 @@ impl<O: Send + 'static> Juicer<O> {
 pub struct JuicerIter<O> {
     run: Run<Output<O>>,
     forwards: Arc<std::sync::atomic::AtomicU64>,
+    io: crate::source::IoStats,
     score_cache: Option<Arc<ScoreCache>>,
     state: LoaderState,
     dropped: Vec<SampleError>,
@@ -332,6 +355,7 @@ impl<O> JuicerIter<O> {
             classes: self.state.classes,
             classes_added: self.state.classes_added,
             classifier_images: self.forwards.load(Ordering::Relaxed),
+            io: self.io.snapshot(),
             score_cache: self.score_cache.as_ref().map(|c| c.stats()),
             elapsed: self.started.elapsed(),
             stages: self.run.metrics(),

@@ -67,7 +67,7 @@ impl Models {
         let enricher = Enricher::with_vocabulary_of(config.text.clone(), config.seed, vocabulary.clone())?;
         let score_cache = match &config.vision.score_cache {
             Some(c) if matches!(config.vision.scorer, ScorerSpec::Cam | ScorerSpec::Attention(_)) => {
-                Some(Arc::new(ScoreCache::open(c, &cache_namespace(config)?)?))
+                Some(Arc::new(ScoreCache::open_with(c, &cache_namespace(config)?, &config.read)?))
             }
             _ => None,
         };

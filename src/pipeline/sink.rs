@@ -166,6 +166,8 @@ pub struct Summary {
     pub classes_added: u64,
     /// Images forwarded through the classifier backbone since the loader was built (all epochs).
     pub classifier_images: u64,
+    /// Remote reads since the loader was built (all epochs): requests, retries, give-ups, bytes.
+    pub io: crate::source::IoSnapshot,
     /// Score cache counters since the loader was built (all epochs), when a cache is configured.
     pub score_cache: Option<CacheStats>,
     /// Wall time since the epoch started.

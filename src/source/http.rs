@@ -32,6 +32,7 @@ pub(crate) struct HttpReader {
     /// Consecutive failed attempts since the last byte arrived.
     failures: u32,
     retries: u32,
+    stats: super::IoStats,
 }
 
 /// Why a request did not give a usable body.
@@ -65,18 +66,24 @@ impl HttpReader {
             total: None,
             failures: 0,
             retries: opts.http_retries,
+            stats: opts.stats.clone(),
         };
         let mut attempt = 0;
         loop {
             match reader.connect() {
                 Ok(()) => return Ok(reader),
-                Err(ConnectError::Fatal(e)) => return Err(e),
+                Err(ConnectError::Fatal(e)) => {
+                    reader.stats.count_failure();
+                    return Err(e);
+                }
                 Err(ConnectError::Transient(msg)) => {
                     if attempt >= reader.retries {
+                        reader.stats.count_failure();
                         let msg = format!("cannot connect after {} attempts: {msg}", attempt + 1);
                         return Err(io::Error::new(io::ErrorKind::ConnectionRefused, msg));
                     }
                     attempt += 1;
+                    reader.stats.count_retry();
                     thread::sleep(backoff(attempt));
                 }
             }
@@ -85,6 +92,7 @@ impl HttpReader {
 
     /// Sends one request for the bytes from `self.offset` on and installs its body.
     fn connect(&mut self) -> Result<(), ConnectError> {
+        self.stats.count_request();
         let mut request = self.agent.get(&self.url);
         if self.offset > 0 {
             request = request.header("Range", format!("bytes={}-", self.offset));
@@ -150,6 +158,7 @@ impl Read for HttpReader {
                         None => return Ok(0),
                     },
                     Ok(n) => {
+                        self.stats.count_bytes(n as u64);
                         self.offset += n as u64;
                         self.failures = 0;
                         return Ok(n);
@@ -163,14 +172,17 @@ impl Read for HttpReader {
             let mut last = failure;
             loop {
                 if self.failures >= self.retries {
+                    self.stats.count_failure();
                     let msg = format!("{last}; giving up after {} reconnect attempts", self.failures);
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, msg));
                 }
                 self.failures += 1;
+                self.stats.count_retry();
                 thread::sleep(backoff(self.failures));
                 match self.connect() {
                     Ok(()) => break,
                     Err(ConnectError::Fatal(e)) => {
+                        self.stats.count_failure();
                         self.failures = self.retries;
                         return Err(io::Error::new(e.kind(), format!("{last}; reconnect failed: {e}")));
                     }
@@ -179,6 +191,20 @@ impl Read for HttpReader {
             }
         }
     }
+}
+
+/// `Content-Length` and version tag (`ETag`, else `Last-Modified`) of `url`, from one `HEAD` request.
+pub(crate) fn head(url: &str, opts: &ReadOptions) -> io::Result<(Option<u64>, Option<String>)> {
+    let timeout = Some(opts.http_timeout);
+    let config = ureq::Agent::config_builder().timeout_connect(timeout).timeout_recv_response(timeout).build();
+    opts.stats.count_request();
+    let response = ureq::Agent::new_with_config(config).head(url).call().map_err(|e| {
+        opts.stats.count_failure();
+        io::Error::other(format!("HEAD: {e}"))
+    })?;
+    let header = |k: &str| response.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let size = header("content-length").and_then(|v| v.trim().parse().ok());
+    Ok((size, header("etag").or_else(|| header("last-modified"))))
 }
 
 #[cfg(test)]
@@ -196,7 +222,7 @@ mod tests {
     fn refused_connection_fails_after_retries() {
         // Bind then drop a listener: the port is (very likely) closed now.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let opts = ReadOptions { http_retries: 1, http_timeout: Duration::from_secs(2) };
+        let opts = ReadOptions { http_retries: 1, http_timeout: Duration::from_secs(2), ..ReadOptions::default() };
         let err = HttpReader::open(&format!("http://127.0.0.1:{port}/x.tar"), &opts).err().unwrap();
         assert!(err.to_string().contains("cannot connect after 2 attempts"), "{err}");
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ReadOptions, Shard};
+use super::{CountCache, ReadOptions, Shard};
 use crate::error::{Error, Result};
 
 /// The `__kind__` the `wids` tools write.
@@ -100,21 +100,9 @@ impl Manifest {
         Ok(Self { name: file.name, shards })
     }
 
-    /// Reads a manifest from a local path or an `http(s)://` URL.
+    /// Reads a manifest from a local path, an `http(s)://` URL or an object-store URL.
     pub fn read(location: &str, opts: &ReadOptions) -> Result<Self> {
-        let shard_err = |source| Error::Shard { shard: location.to_string(), source };
-        let bytes = if super::spec::is_url(location) {
-            let mut body = Vec::new();
-            std::io::Read::read_to_end(
-                &mut super::http::HttpReader::open(location, opts).map_err(shard_err)?,
-                &mut body,
-            )
-            .map_err(shard_err)?;
-            body
-        } else {
-            std::fs::read(location).map_err(shard_err)?
-        };
-        Self::parse(&bytes, location)
+        Self::parse(&super::read_location(location, opts)?, location)
     }
 
     /// The manifest as wids JSON; shard URLs under `relative_to` (a folder) are written relative to it.
@@ -165,9 +153,44 @@ impl Manifest {
         std::fs::rename(&tmp, path).map_err(|e| Error::io(context("renaming into place"), e))
     }
 
+    /// Writes the manifest to a local path ([`Manifest::write`]) or, in one atomic PUT, to an object-store URL
+    /// (shard URLs in the same folder written relative to it, so the folder can be copied or renamed whole).
+    pub fn save(&self, location: &str, opts: &ReadOptions) -> Result<()> {
+        if !super::object::is_object_url(location) {
+            return self.write(Path::new(location));
+        }
+        let dir = location.rsplit_once('/').map_or(location, |(d, _)| d);
+        let rel = Manifest {
+            shards: self
+                .shards
+                .iter()
+                .map(|s| {
+                    let url = s.url.strip_prefix(dir).and_then(|r| r.strip_prefix('/')).filter(|r| !r.contains('/'));
+                    ManifestShard { url: url.map_or_else(|| s.url.clone(), str::to_string), ..s.clone() }
+                })
+                .collect(),
+            ..self.clone()
+        };
+        super::object::put(location, opts, rel.to_json(None).into_bytes().into())
+            .map_err(|e| Error::Shard { shard: location.to_string(), source: e })
+    }
+
     /// Builds a manifest for `shards` (tar shards; folder sources are not indexed), counting samples from tar
     /// headers with at most `jobs` shards read at a time. `progress` is called with the number of shards done.
     pub fn index(shards: &[Shard], opts: &ReadOptions, jobs: usize, progress: &(dyn Fn(usize) + Sync)) -> Result<Self> {
+        Self::index_cached(shards, opts, jobs, None, progress)
+    }
+
+    /// [`Manifest::index`] through the count cache in `cache` (see [`super::CountCache`]): a shard whose
+    /// current version is cached is not read (one `HEAD` for a remote shard), and the counts of the shards
+    /// read are added to the cache.
+    pub fn index_cached(
+        shards: &[Shard],
+        opts: &ReadOptions,
+        jobs: usize,
+        cache: Option<&Path>,
+        progress: &(dyn Fn(usize) + Sync),
+    ) -> Result<Self> {
         let urls: Vec<&str> = shards
             .iter()
             .map(|s| match s {
@@ -177,40 +200,36 @@ impl Manifest {
                 }
             })
             .collect::<Result<_>>()?;
-        let next = AtomicUsize::new(0);
+        let mut counts = cache.map(CountCache::open).transpose()?;
+        let cached = counts.as_ref();
         let done = AtomicUsize::new(0);
-        let results: Mutex<Vec<Option<Result<ManifestShard>>>> = Mutex::new((0..urls.len()).map(|_| None).collect());
-        std::thread::scope(|scope| {
-            for _ in 0..jobs.clamp(1, urls.len().max(1)) {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::SeqCst);
-                        let Some(&url) = urls.get(i) else { break };
-                        let shard = Shard::Tar(url.to_string());
-                        let entry = shard.count_samples(opts).map(|n| ManifestShard {
-                            url: url.to_string(),
-                            nsamples: n as u64,
-                            filesize: (!super::spec::is_url(url))
-                                .then(|| std::fs::metadata(url).ok().map(|m| m.len()))
-                                .flatten(),
-                        });
-                        if let Ok(mut r) = results.lock() {
-                            r[i] = Some(entry);
-                        }
-                        progress(done.fetch_add(1, Ordering::SeqCst) + 1);
+        let results = par_map(&urls, jobs, |&url| {
+            let shard = Shard::Tar(url.to_string());
+            let result = (|| {
+                let version = if cached.is_some() { super::counts::version(&shard, opts)? } else { None };
+                let local = !super::spec::is_url(url) && !super::object::is_object_url(url);
+                let filesize = version
+                    .as_ref()
+                    .map(|v| v.1)
+                    .or_else(|| local.then(|| std::fs::metadata(url).ok().map(|m| m.len())).flatten());
+                let hit = version.as_ref().and_then(|(key, _)| cached.and_then(|c| c.get(key)));
+                let (nsamples, new) = match hit {
+                    Some(n) => (n, None),
+                    None => {
+                        let n = shard.count_samples(opts)? as u64;
+                        (n, version.map(|(key, _)| (key, n)))
                     }
-                });
-            }
+                };
+                Ok((ManifestShard { url: url.to_string(), nsamples, filesize }, new))
+            })();
+            progress(done.fetch_add(1, Ordering::SeqCst) + 1);
+            result
         });
-        let results = results.into_inner().map_err(|_| Error::Config(vec!["indexing: a worker panicked".into()]))?;
-        let shards = results
-            .into_iter()
-            .zip(&urls)
-            .map(|(r, url)| {
-                r.unwrap_or_else(|| Err(Error::ShardSpec { spec: (*url).into(), detail: "not indexed".into() }))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { name: None, shards })
+        let results: Vec<(ManifestShard, Option<(String, u64)>)> = results.into_iter().collect::<Result<_>>()?;
+        if let Some(c) = counts.as_mut() {
+            c.record(results.iter().filter_map(|(_, new)| new.clone()))?;
+        }
+        Ok(Self { name: None, shards: results.into_iter().map(|(s, _)| s).collect() })
     }
 
     /// Joins manifests in order; a shard listed twice (same URL) is an error naming it.
@@ -246,6 +265,29 @@ impl Manifest {
             .collect();
         Self { name: None, shards }
     }
+}
+
+/// `f` over `items` on at most `jobs` threads; results in item order.
+fn par_map<T: Sync, R: Send>(items: &[T], jobs: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, R)>> = Mutex::new(Vec::with_capacity(items.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, items.len().max(1)) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    if let Ok(mut out) = results.lock() {
+                        out.push((i, r));
+                    }
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
 }
 
 #[cfg(test)]

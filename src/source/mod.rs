@@ -18,26 +18,33 @@
 //! `.gz` (`KEY.txt.gz`, `KEY.jpg.gz`) are decompressed and take the role of the extension before `.gz`, as
 //! `webdataset`'s decoder does.
 
+mod counts;
 mod folder;
 mod http;
 pub mod manifest;
+pub(crate) mod object;
 mod pack;
 mod spec;
 mod tar;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use flate2::bufread::MultiGzDecoder;
 
+pub use counts::{COUNTS_FILE, CountCache, default_dir as default_cache_dir};
 pub use folder::{FolderEntry, FolderShard};
 pub use manifest::{Manifest, ManifestShard};
+pub use object::is_object_url;
 pub use pack::ShardWriter;
-pub use spec::{CAPTIONS_FILE, expand_braces, resolve, resolve_counted};
+pub use spec::{CAPTIONS_FILE, expand_braces, expand_names, resolve, resolve_counted};
 
 use self::folder::FolderReader;
 use self::http::HttpReader;
+use self::object::ObjectReader;
 use self::tar::{LocalMedium, Medium, StreamMedium, TarSamples};
 use crate::error::{Error, Result, SampleError};
 use crate::sample::RawSample;
@@ -45,10 +52,12 @@ use crate::sample::RawSample;
 /// Buffer between an HTTP body and the tar reader.
 const HTTP_BUFFER: usize = 1 << 20;
 
-/// One input shard: a WebDataset tar (local path or http(s) URL) or a slice of a folder + captions JSONL.
+/// One input shard: a WebDataset tar (local path, http(s) or object-store URL) or a slice of a folder +
+/// captions JSONL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shard {
-    /// A WebDataset tar: a local path or an `http://`/`https://` URL.
+    /// A WebDataset tar: a local path, an `http://`/`https://` URL or an object-store URL (`s3://`, `gs://`,
+    /// `az://`, `abfs://`, `file://`).
     Tar(String),
     /// A range of entries of a folder source.
     Folder(FolderShard),
@@ -57,17 +66,93 @@ pub enum Shard {
 /// How shards are read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadOptions {
-    /// Consecutive reconnect attempts (without progress) before an HTTP read or open fails (default 3).
+    /// Consecutive failed requests (without progress) before an HTTP or object-store read or open fails
+    /// (default 3). Throttling answers (`503 SlowDown`, `429`) count as failed requests.
     pub http_retries: u32,
     /// Timeout for connecting, for the response headers and for each socket read (default 30 s).
     pub http_timeout: Duration,
+    /// Explicit object-store settings, `object_store` config keys such as `aws_endpoint`,
+    /// `aws_access_key_id`, `aws_region`, `google_service_account`, `azure_storage_account_name`; they
+    /// override the `AWS_*`/`GOOGLE_*`/`AZURE_*` environment (see the `object` module docs).
+    pub storage_options: Vec<(String, String)>,
+    /// Request, retry and byte counters of the readers sharing these options.
+    pub stats: IoStats,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { http_retries: 3, http_timeout: Duration::from_secs(30) }
+        Self {
+            http_retries: 3,
+            http_timeout: Duration::from_secs(30),
+            storage_options: Vec::new(),
+            stats: IoStats::default(),
+        }
     }
 }
+
+/// Remote-read counters shared by every reader of one loader (clones share the counters).
+///
+/// Counters are not part of the options they travel with: two `IoStats` always compare equal.
+#[derive(Debug, Clone, Default)]
+pub struct IoStats(Arc<IoCounters>);
+
+#[derive(Debug, Default)]
+struct IoCounters {
+    requests: AtomicU64,
+    retries: AtomicU64,
+    failures: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// A point-in-time copy of [`IoStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IoSnapshot {
+    /// Requests sent to a remote store or server (GET, HEAD, LIST, PUT), retries included.
+    pub requests: u64,
+    /// Requests repeated after a failure (throttling, 5xx, a cut connection).
+    pub retries: u64,
+    /// Reads or requests given up after the retries, or failed without retry (missing, replaced object).
+    pub failures: u64,
+    /// Body bytes received from object stores and HTTP servers.
+    pub bytes: u64,
+}
+
+impl IoStats {
+    /// Current values.
+    pub fn snapshot(&self) -> IoSnapshot {
+        let c = &self.0;
+        IoSnapshot {
+            requests: c.requests.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            bytes: c.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_request(&self) {
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_retry(&self) {
+        self.0.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_failure(&self) {
+        self.0.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_bytes(&self, n: u64) {
+        self.0.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+impl PartialEq for IoStats {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for IoStats {}
 
 impl Shard {
     /// Path or URL of a tar shard, or `"<jsonl path>[start..end]"` for a folder shard.
@@ -78,9 +163,10 @@ impl Shard {
         }
     }
 
-    /// Whether the shard is read over HTTP(S).
+    /// Whether the shard is read over the network (HTTP(S) or an object store other than `file://`).
     pub fn is_remote(&self) -> bool {
-        matches!(self, Shard::Tar(path) if spec::is_url(path))
+        matches!(self, Shard::Tar(path) if spec::is_url(path)
+            || (object::is_object_url(path) && !path.to_ascii_lowercase().starts_with("file://")))
     }
 
     /// Opens the byte stream of a tar shard, decompressing a gzip-compressed one (module docs).
@@ -89,6 +175,8 @@ impl Shard {
         let by_name = gzip_name(path);
         let mut reader: BufReader<Box<dyn Read + Send>> = if spec::is_url(path) {
             BufReader::with_capacity(HTTP_BUFFER, Box::new(HttpReader::open(path, opts).map_err(shard_err)?))
+        } else if object::is_object_url(path) {
+            BufReader::with_capacity(HTTP_BUFFER, Box::new(ObjectReader::open(path, opts, 0).map_err(shard_err)?))
         } else {
             let mut file = File::open(path).map_err(shard_err)?;
             let mut head = [0u8; 2];
@@ -130,6 +218,21 @@ impl Shard {
             Shard::Tar(path) => Ok(TarSamples::count(Self::open_medium(path, opts)?, path.clone())),
             Shard::Folder(folder) => Ok(folder.len()),
         }
+    }
+}
+
+/// The whole content of a (small) file or object: a local path, an `http(s)://` URL or an object-store URL
+/// (manifests, and what tests compare).
+pub fn read_location(location: &str, opts: &ReadOptions) -> Result<Vec<u8>> {
+    let shard_err = |source| Error::Shard { shard: location.to_string(), source };
+    if spec::is_url(location) {
+        let mut body = Vec::new();
+        HttpReader::open(location, opts).and_then(|mut r| r.read_to_end(&mut body)).map_err(shard_err)?;
+        Ok(body)
+    } else if object::is_object_url(location) {
+        object::read_all(location, opts).map_err(shard_err)
+    } else {
+        std::fs::read(location).map_err(shard_err)
     }
 }
 

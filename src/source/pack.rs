@@ -4,6 +4,12 @@
 //! next sample would push the current shard past `max_size` bytes (a sample bigger than `max_size` gets a shard
 //! of its own). Output is reproducible: members are written in the given order with mtime 0, mode 0o644 and
 //! uid/gid 0, so the same input gives byte-identical shards. Long member paths use the GNU long-name extension.
+//!
+//! # No half shards
+//! A shard is written under a temporary name (`.NAME.partial`) and renamed into place when it is complete, so a
+//! reader (or a scheduler that re-runs a task) never sees half a shard. For an object-store destination
+//! ([`ShardWriter::to_url`]) the shard is staged in a local temporary file and uploaded when complete: one PUT,
+//! or a multipart upload for large shards, which the store makes visible only when it completes.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -17,6 +23,7 @@ const TRAILER: u64 = 1024;
 
 /// The shard being written.
 struct OpenShard {
+    /// Final local path (the file is written at [`partial`] of it).
     path: PathBuf,
     out: BufWriter<File>,
     count: usize,
@@ -24,8 +31,23 @@ struct OpenShard {
     size: u64,
 }
 
+/// The temporary name a shard is written under until it is complete.
+fn partial(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.partial"))
+}
+
+/// Where finished shards go.
+enum Destination {
+    /// Stay in `out_dir`.
+    Local,
+    /// Uploaded to `{base}/{name}`; `out_dir` is a private staging folder, removed at the end.
+    Object { base: String, opts: super::ReadOptions },
+}
+
 /// Writes samples into a numbered series of WebDataset tar shards.
 pub struct ShardWriter {
+    destination: Destination,
     out_dir: PathBuf,
     prefix: String,
     max_count: usize,
@@ -47,7 +69,37 @@ impl ShardWriter {
         }
         let out_dir = out_dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io(format!("creating `{}`", out_dir.display()), e))?;
-        Ok(Self { out_dir, prefix: prefix.to_string(), max_count, max_size, current: None, written: Vec::new() })
+        Ok(Self {
+            destination: Destination::Local,
+            out_dir,
+            prefix: prefix.to_string(),
+            max_count,
+            max_size,
+            current: None,
+            written: Vec::new(),
+        })
+    }
+
+    /// Like [`ShardWriter::new`], but the shards go to the object-store folder `base_url` (`s3://b/out`, ...):
+    /// each is staged in a local temporary file and uploaded when complete (module docs).
+    pub fn to_url(
+        base_url: &str,
+        prefix: &str,
+        max_count: usize,
+        max_size: u64,
+        opts: &super::ReadOptions,
+    ) -> Result<Self> {
+        if !super::object::is_object_url(base_url) {
+            return Err(Error::Config(vec![format!("shard writer: `{base_url}` is not an object-store URL")]));
+        }
+        let staging = std::env::temp_dir().join(format!(
+            "juicer-staging-{}-{}",
+            std::process::id(),
+            STAGING.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut w = Self::new(&staging, prefix, max_count, max_size)?;
+        w.destination = Destination::Object { base: base_url.trim_end_matches('/').to_string(), opts: opts.clone() };
+        Ok(w)
     }
 
     /// Serialises one sample's members as tar entries (no end marker).
@@ -94,7 +146,8 @@ impl ShardWriter {
         }
         if self.current.is_none() {
             let path = self.out_dir.join(format!("{}-{:06}.tar", self.prefix, self.written.len()));
-            let file = File::create(&path).map_err(|e| Error::io(format!("creating `{}`", path.display()), e))?;
+            let file = File::create(partial(&path))
+                .map_err(|e| Error::io(format!("creating `{}`", partial(&path).display()), e))?;
             self.current = Some(OpenShard { path, out: BufWriter::new(file), count: 0, size: 0 });
         }
         if let Some(shard) = self.current.as_mut() {
@@ -111,8 +164,21 @@ impl ShardWriter {
             let context = format!("writing `{}`", shard.path.display());
             shard.out.write_all(&[0u8; TRAILER as usize]).map_err(|e| Error::io(context.clone(), e))?;
             let file = shard.out.into_inner().map_err(|e| Error::io(context.clone(), e.into_error()))?;
-            file.sync_all().map_err(|e| Error::io(context, e))?;
-            self.written.push((shard.path, shard.count as u64, shard.size + TRAILER));
+            file.sync_all().map_err(|e| Error::io(context.clone(), e))?;
+            drop(file);
+            std::fs::rename(partial(&shard.path), &shard.path).map_err(|e| Error::io(context, e))?;
+            let location = match &self.destination {
+                Destination::Local => shard.path,
+                Destination::Object { base, opts } => {
+                    let name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    let url = format!("{base}/{name}");
+                    super::object::upload_file(&url, opts, &shard.path)
+                        .map_err(|e| Error::io(format!("uploading `{url}`"), e))?;
+                    let _ = std::fs::remove_file(&shard.path);
+                    PathBuf::from(url)
+                }
+            };
+            self.written.push((location, shard.count as u64, shard.size + TRAILER));
         }
         Ok(())
     }
@@ -122,8 +188,19 @@ impl ShardWriter {
     /// the shards. Returns the shard paths and the manifest's path.
     pub fn finish_indexed(mut self) -> Result<(Vec<PathBuf>, PathBuf)> {
         self.close_current()?;
-        let path = self.out_dir.join(format!("{}.json", self.prefix));
-        super::Manifest::from_written(&self.written).write(&path)?;
+        let manifest = super::Manifest::from_written(&self.written);
+        let path = match &self.destination {
+            Destination::Local => {
+                let path = self.out_dir.join(format!("{}.json", self.prefix));
+                manifest.write(&path)?;
+                path
+            }
+            Destination::Object { base, opts } => {
+                let url = format!("{base}/{}.json", self.prefix);
+                manifest.save(&url, opts)?;
+                PathBuf::from(url)
+            }
+        };
         Ok((self.paths(), path))
     }
 
@@ -143,8 +220,14 @@ impl Drop for ShardWriter {
     fn drop(&mut self) {
         // Best effort: a writer dropped without `finish` still leaves a valid last shard.
         let _ = self.close_current();
+        if matches!(self.destination, Destination::Object { .. }) {
+            let _ = std::fs::remove_dir_all(&self.out_dir);
+        }
     }
 }
+
+/// Distinguishes the staging folders of several writers in one process.
+static STAGING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[cfg(test)]
 mod tests {

@@ -147,10 +147,42 @@ fn local_shards(spec: &str, path: &Path, folder_shard_size: usize, out: &mut Vec
     Ok(())
 }
 
+/// Expands braces and globs (local paths and object-store URLs) into names, in spec order (glob matches sorted),
+/// without opening anything: e.g. the manifest parts `juicer index --merge` joins. A glob matching nothing is
+/// an error naming it.
+pub fn expand_names(specs: &[String], opts: &ReadOptions) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for spec in specs {
+        for name in expand_braces(spec)? {
+            if !name.contains(['*', '?', '[']) || is_url(&name) {
+                out.push(name);
+                continue;
+            }
+            let matched = if super::object::is_object_url(&name) {
+                super::object::glob(&name, opts)?
+            } else {
+                let paths = glob::glob(&name).map_err(|e| spec_error(spec, format!("bad glob `{name}`: {e}")))?;
+                let mut m: Vec<String> = paths
+                    .map(|p| p.map(|p| p.to_string_lossy().into_owned()))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| spec_error(spec, format!("glob `{name}`: {e}")))?;
+                m.sort();
+                m
+            };
+            if matched.is_empty() {
+                return Err(spec_error(spec, format!("glob `{name}` matches nothing")));
+            }
+            out.extend(matched);
+        }
+    }
+    Ok(out)
+}
+
 /// Expands shard specifications into shards, in spec order (glob matches sorted).
 ///
 /// Accepts local paths, globs (`data/*.tar`), brace ranges (`shards-{000000..000099}.tar`) and lists
-/// (`{a,b,c}`, several braces per spec), `http://`/`https://` URLs (brace-expanded, not globbed), and folder
+/// (`{a,b,c}`, several braces per spec), `http://`/`https://` URLs (brace-expanded, not globbed), object-store
+/// URLs (`s3://`, `gs://`, `az://`, `abfs://`, `file://`; brace-expanded and globbed by listing), and folder
 /// sources: a directory containing `captions.jsonl` or a path to a `.jsonl` file, split into virtual shards of
 /// `folder_shard_size` entries.
 ///
@@ -181,6 +213,16 @@ pub fn resolve_counted(
                 }
             } else if is_url(&name) {
                 shards.push(Shard::Tar(name));
+            } else if super::object::is_object_url(&name) {
+                if name.contains(['*', '?', '[']) {
+                    let matched = super::object::glob(&name, opts)?;
+                    if matched.is_empty() {
+                        return Err(spec_error(spec, format!("glob `{name}` matches no object")));
+                    }
+                    shards.extend(matched.into_iter().map(Shard::Tar));
+                } else {
+                    shards.push(Shard::Tar(name));
+                }
             } else if name.contains(['*', '?', '[']) {
                 let paths = glob::glob(&name).map_err(|e| spec_error(spec, format!("bad glob `{name}`: {e}")))?;
                 let mut matched: Vec<PathBuf> =

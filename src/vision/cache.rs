@@ -18,6 +18,12 @@
 //! that fails any check is a miss: it is deleted, counted as `corrupt`, and the sample is scored again. A
 //! failed write (disk full, permissions) is counted and otherwise ignored: the cache never fails a sample.
 //! Writes go to a temporary file renamed into place, so readers never see half an entry.
+//!
+//! # Shared in object storage
+//! `dir` may be an object-store URL (`s3://bucket/cache`, `gs://`, `az://`): ranks and jobs then share one
+//! cache. Keys, namespaces, entry format and checks are the same; an entry is one object, written in one PUT
+//! (atomic: readers see the whole entry or none), a corrupt one is deleted and scored again. The byte bound
+//! does not apply there (no rank sees the whole cache): bound it with the bucket's lifecycle (expiry) rules.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -37,7 +43,7 @@ const MAGIC: &[u8; 4] = b"JSC2";
 /// Where the cache lives and how big it may grow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScoreCacheConfig {
-    /// Root directory (namespaces are subdirectories).
+    /// Root directory (namespaces are subdirectories), or an object-store URL (module docs).
     pub dir: PathBuf,
     /// Most bytes of entries kept per namespace (default 1 GiB).
     pub max_bytes: u64,
@@ -89,6 +95,8 @@ struct Index {
 /// The cache of one namespace. Shared by the model threads of a stage (`Arc`).
 pub struct ScoreCache {
     dir: PathBuf,
+    /// Set when `dir` is an object-store URL: the options to reach it.
+    remote: Option<crate::source::ReadOptions>,
     max_bytes: u64,
     index: Mutex<Index>,
     hits: AtomicU64,
@@ -128,10 +136,24 @@ fn pixel_hash(pixels: &[f32]) -> u64 {
 
 impl ScoreCache {
     /// Opens (creating) the namespace `namespace` under `config.dir` and indexes the entries already there.
-    pub fn open(config: &ScoreCacheConfig, namespace: &str) -> Result<Self> {
-        if config.max_bytes == 0 {
-            return Err(Error::Config(vec!["score cache: max_bytes must be at least 1".into()]));
+    /// An object-store `dir` is reached with `read` (its storage options and I/O counters).
+    pub fn open_with(config: &ScoreCacheConfig, namespace: &str, read: &crate::source::ReadOptions) -> Result<Self> {
+        let root = config.dir.to_string_lossy();
+        if !crate::source::is_object_url(&root) {
+            return Self::open(config, namespace);
         }
+        let dir = PathBuf::from(format!("{}/{:016x}", root.trim_end_matches('/'), hash_str(namespace)));
+        let about = format!("{}/namespace.txt", dir.to_string_lossy());
+        crate::source::object::put(&about, read, namespace.as_bytes().to_vec().into())
+            .map_err(|e| Error::io(format!("writing score cache `{about}`"), e))?;
+        let mut cache = Self::open_in(dir, config.max_bytes, Index { order: VecDeque::new(), bytes: 0 })?;
+        cache.remote = Some(read.clone());
+        Ok(cache)
+    }
+
+    /// Opens (creating) the namespace `namespace` under the local directory `config.dir` and indexes the
+    /// entries already there.
+    pub fn open(config: &ScoreCacheConfig, namespace: &str) -> Result<Self> {
         let dir = config.dir.join(format!("{:016x}", hash_str(namespace)));
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating score cache `{}`", dir.display()), e))?;
         // The namespace's description, for people looking at the directory.
@@ -154,10 +176,18 @@ impl ScoreCache {
         found.sort();
         let bytes = found.iter().map(|f| f.2).sum();
         let order = found.into_iter().map(|(_, p, n)| (p, n)).collect();
+        Self::open_in(dir, config.max_bytes, Index { order, bytes })
+    }
+
+    fn open_in(dir: PathBuf, max_bytes: u64, index: Index) -> Result<Self> {
+        if max_bytes == 0 {
+            return Err(Error::Config(vec!["score cache: max_bytes must be at least 1".into()]));
+        }
         Ok(Self {
             dir,
-            max_bytes: config.max_bytes,
-            index: Mutex::new(Index { order, bytes }),
+            remote: None,
+            max_bytes,
+            index: Mutex::new(index),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             stored: AtomicU64::new(0),
@@ -190,20 +220,36 @@ impl ScoreCache {
         self.dir.join(format!("{:02x}", h >> 56)).join(format!("{h:016x}.bin"))
     }
 
+    /// The object URL of an entry (an object-store cache).
+    fn url(&self, key: &str, pixels: u64) -> String {
+        let h = derive(pixels, &[hash_str(key)]);
+        format!("{}/{:02x}/{h:016x}.bin", self.dir.to_string_lossy(), h >> 56)
+    }
+
     /// The entry of `key` with these decoded pixels, counting a hit or a miss.
     pub fn get(&self, key: &str, pixels: &[f32]) -> Option<Entry> {
         let ph = pixel_hash(pixels);
-        let path = self.path(key, ph);
-        let found = match std::fs::read(&path) {
-            Ok(bytes) => match decode_entry(&bytes, key, ph) {
+        let (bytes, remove): (Option<Vec<u8>>, Box<dyn Fn()>) = match &self.remote {
+            None => {
+                let path = self.path(key, ph);
+                (std::fs::read(&path).ok(), Box::new(move || drop(std::fs::remove_file(&path))))
+            }
+            Some(read) => {
+                let url = self.url(key, ph);
+                let got = crate::source::object::get_opt(&url, read).ok().flatten().map(|b| b.to_vec());
+                (got, Box::new(move || drop(crate::source::object::delete(&url, read))))
+            }
+        };
+        let found = match bytes {
+            Some(bytes) => match decode_entry(&bytes, key, ph) {
                 Some(e) => Some(e),
                 None => {
                     self.corrupt.fetch_add(1, Ordering::Relaxed);
-                    let _ = std::fs::remove_file(&path);
+                    remove();
                     None
                 }
             },
-            Err(_) => None,
+            None => None,
         };
         let counter = if found.is_some() { &self.hits } else { &self.misses };
         counter.fetch_add(1, Ordering::Relaxed);
@@ -213,8 +259,16 @@ impl ScoreCache {
     /// Stores an entry; failures are counted, never returned.
     pub fn put(&self, key: &str, pixels: &[f32], entry: &Entry) {
         let ph = pixel_hash(pixels);
-        let path = self.path(key, ph);
         let bytes = encode_entry(key, ph, entry);
+        if let Some(read) = &self.remote {
+            let counter = match crate::source::object::put(&self.url(key, ph), read, bytes.into()) {
+                Ok(()) => &self.stored,
+                Err(_) => &self.write_errors,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let path = self.path(key, ph);
         let n = bytes.len() as u64;
         let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));
