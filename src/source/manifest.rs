@@ -106,7 +106,7 @@ impl Manifest {
         let bytes = if super::spec::is_url(location) {
             let mut body = Vec::new();
             std::io::Read::read_to_end(
-                &mut super::http::HttpReader::open(location, opts).map_err(shard_err)?,
+                &mut super::http::HttpReader::open(location, opts, 0).map_err(shard_err)?,
                 &mut body,
             )
             .map_err(shard_err)?;
