@@ -6,6 +6,7 @@ mod cli;
 mod labels;
 mod mobilenet;
 mod pipeline;
+mod resume;
 mod source;
 mod text;
 mod tokenizer;
