@@ -577,10 +577,10 @@ impl ElasticState {
         for r in &self.remaining {
             let count = u32::try_from(counts.get(r.shard).copied().unwrap_or(0)).unwrap_or(u32::MAX);
             let end = r.end.unwrap_or(count);
-            if end > count {
+            if end > count || r.start > end {
                 return Err(Error::State(format!(
-                    "shard {} has {count} samples, but the merged state needs samples up to {end}: the shard changed",
-                    r.shard
+                    "shard {} has {count} samples, but the merged state needs samples {}..{end}: the shard changed",
+                    r.shard, r.start
                 )));
             }
             if r.start < end {
@@ -671,5 +671,33 @@ mod tests {
         assert_eq!(s.buffer, vec![p(2), p(3)]);
         assert_eq!(s.buffer_offsets, vec![Some(2048), Some(3072)]);
         assert_eq!(s.shuffle_rng, 2);
+    }
+
+    #[test]
+    fn pieces_are_contiguous_and_nearly_equal() {
+        let r = |shard, start, end, offset| SampleRange { shard, start, end, offset };
+        let merged = ElasticState {
+            version: LoaderState::VERSION,
+            seed: 0,
+            epoch: 0,
+            sources: String::new(),
+            n_shards: 3,
+            from_world_size: 2,
+            epoch_complete: false,
+            emitted: vec![0, 0],
+            remaining: vec![
+                r(0, 2, Some(4), Some(10)),
+                r(1, 3, None, Some(99)),
+                r(2, 0, None, None),
+                r(0, 9, None, None),
+            ],
+        };
+        // 2 + 7 + 5 + 0 (shard 0 has 9 samples) = 14 samples over 3 ranks: 4, 5, 5.
+        let pieces = merged.pieces(&[9, 10, 5], 3).unwrap();
+        assert_eq!(pieces[0], vec![r(0, 2, Some(4), Some(10)), r(1, 3, Some(5), Some(99))]);
+        assert_eq!(pieces[1], vec![r(1, 5, Some(10), None)]);
+        assert_eq!(pieces[2], vec![r(2, 0, Some(5), None)]);
+        assert!(merged.pieces(&[9, 2, 5], 3).unwrap_err().to_string().contains("shard changed"));
+        assert_eq!(merged.pieces(&[9, 10, 5], 20).unwrap().iter().filter(|p| !p.is_empty()).count(), 14);
     }
 }

@@ -742,4 +742,47 @@ mod tests {
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].as_ref().unwrap().key, "pax/name");
     }
+
+    #[test]
+    fn next_offset_points_at_the_next_samples_first_header() {
+        let mut builder = ::tar::Builder::new(Vec::new());
+        let add = |b: &mut ::tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+            let mut header = ::tar::Header::new_ustar();
+            header.set_size(data.len() as u64);
+            header.set_entry_type(::tar::EntryType::Regular);
+            b.append_data(&mut header, path, data).unwrap();
+        };
+        add(&mut builder, "a.jpg", b"A");
+        add(&mut builder, "a.txt", b"T");
+        // b's own header is preceded by a PAX header: b starts at the PAX header.
+        builder.append_pax_extensions([("path", &b"b.jpg"[..])]).unwrap();
+        add(&mut builder, "short.jpg", b"B");
+        add(&mut builder, "c.jpg", b"C");
+        let bytes = builder.into_inner().unwrap();
+        let mut samples = TarSamples::new(StreamMedium::new(Cursor::new(bytes.clone())), "mem.tar".into(), 0);
+        assert_eq!(samples.next_offset(), Some(0));
+        assert_eq!(samples.next().unwrap().unwrap().key, "a");
+        // a: two members of one header block and one data block each.
+        assert_eq!(samples.next_offset(), Some(2048));
+        assert_eq!(samples.next().unwrap().unwrap().key, "b");
+        let c_at = samples.next_offset().unwrap();
+        assert_eq!(samples.next().unwrap().unwrap().key, "c");
+        let end = samples.next_offset().unwrap();
+        assert!(samples.next().is_none());
+        assert_eq!(end, c_at + 1024, "the end marker follows c");
+        // Opened at b's offset, the reader continues with b, c, counting from index 1.
+        let medium = StreamMedium::new(Cursor::new(bytes[2048..].to_vec()));
+        let mut at = TarSamples::at_offset(medium, "mem.tar".into(), 1, 2048).unwrap();
+        assert_eq!(at.next().unwrap().unwrap().key, "b");
+        assert_eq!(at.next_offset(), Some(c_at));
+        assert_eq!(at.next().unwrap().unwrap().key, "c");
+        assert!(at.next().is_none());
+        // An offset inside a member is refused.
+        let medium = StreamMedium::new(Cursor::new(bytes[2048 + 100..].to_vec()));
+        let err = TarSamples::at_offset(medium, "mem.tar".into(), 1, 2148).err().unwrap();
+        assert!(err.contains("corrupt tar header at byte 2148"), "{err}");
+        // A gzip stream reports no offsets.
+        let plain = TarSamples::new(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into(), 0).without_offsets();
+        assert_eq!(plain.next_offset(), None);
+    }
 }
