@@ -163,7 +163,7 @@ pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
 pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, Summary};
-pub use plan::{EpochSize, LoaderState, World};
+pub use plan::{ElasticState, EpochSize, LoaderState, SampleRange, World};
 pub use sample::{Class, Decoded, JuicedSample, RawSample, SourcePos};
 pub use vision::ScorerSpec;
 pub use vision::prune::{KeepPolicy, PruneConfig};

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Stream the pipeline over SOURCES and print a summary (and per-sample records with --jsonl).
-    Run(Box<RunArgs>),
+    Run(Box<RunCmd>),
     /// Pack a folder of images + captions JSONL into WebDataset tar shards (and their manifest, PREFIX.json).
     Pack(PackArgs),
     /// Write a shard manifest (`wids` JSON: every shard with its sample count and size) for SOURCES, or join
@@ -55,6 +55,21 @@ enum Command {
     /// Without SOURCES it generates synthetic JPEG shards (--synthetic, --synthetic-size) so runs compare.
     /// The report's JSON layout (--json) is documented in the README and in `juicer::bench::BenchReport`.
     Bench(Box<BenchArgs>),
+}
+
+#[derive(Args)]
+struct RunCmd {
+    #[command(flatten)]
+    run: RunArgs,
+    /// With --limit N: stop at the first batch boundary at or after N samples and write the loader state (JSON)
+    /// to FILE instead of ending the epoch there, for a later --resume.
+    #[arg(long, value_name = "FILE", requires = "limit")]
+    checkpoint: Option<PathBuf>,
+    /// Continue from loader states written by --checkpoint: this rank's state (same world: the exact
+    /// continuation), or the states of every rank of another world size (merged; the epoch's remaining samples
+    /// are split over this world).
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    resume: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -444,8 +459,21 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     Ok(builder)
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(cmd: RunCmd) -> anyhow::Result<()> {
+    let RunCmd { run: mut args, checkpoint, resume } = cmd;
+    // With --checkpoint the limit is a stop point, not the end of the epoch (which a state would record).
+    let stop_at = if checkpoint.is_some() { args.limit.take() } else { None };
     let loader = build_loader(&args)?;
+    if !resume.is_empty() {
+        let states = resume
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_str(&text).with_context(|| format!("parsing the loader state {}", p.display()))
+            })
+            .collect::<anyhow::Result<Vec<juicer::LoaderState>>>()?;
+        loader.resume_from(states)?;
+    }
     let mut out: Option<Box<dyn Write>> = match args.jsonl.as_deref() {
         None => None,
         Some("-") => Some(Box::new(std::io::BufWriter::new(std::io::stdout().lock()))),
@@ -468,6 +496,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut it = loader.iter()?;
     let mut failures = 0u64;
+    let mut checkpointed = false;
     while let Some(item) = it.next() {
         let dropped = it.take_dropped();
         if let Some(w) = out.as_mut() {
@@ -495,6 +524,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(bar) = &bar {
             bar.set_position(it.state().samples_read);
         }
+        if let (Some(path), Some(n)) = (&checkpoint, stop_at)
+            && it.state().samples_read >= n
+        {
+            let json = serde_json::to_string_pretty(it.state())?;
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("checkpoint after {} samples -> {}", it.state().samples_read, path.display());
+            checkpointed = true;
+            break;
+        }
+    }
+    if let (Some(path), false) = (&checkpoint, checkpointed) {
+        // The epoch ended before the stop point: the state says so, and resuming it starts the next epoch.
+        std::fs::write(path, serde_json::to_string_pretty(it.state())?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(w) = out.as_mut() {
         for e in it.take_dropped() {

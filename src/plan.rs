@@ -170,19 +170,42 @@ impl EpochSize {
 pub struct Trace {
     /// Positions read into the shuffle buffer just before this item was drawn.
     pub added: Vec<SourcePos>,
+    /// Byte offset in its shard where each of `added` starts, when known (same length as `added`).
+    pub added_offsets: Vec<Option<u64>>,
     /// Buffer slot the item was drawn from (`swap_remove`).
     pub slot: u32,
     /// Shuffle generator state after the draw.
     pub rng: u64,
     /// Next position the readers would read.
     pub cursor: SourcePos,
+    /// Byte offset in its shard where the sample at `cursor` starts, when known.
+    pub cursor_offset: Option<u64>,
     /// The item's own position.
     pub pos: SourcePos,
+}
+
+/// A run of samples of one shard, `start..end` in file order: a unit of work of an elastic epoch (see
+/// [`LoaderState::merge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SampleRange {
+    /// Index of the shard in the global shard list.
+    pub shard: usize,
+    /// Index of the first sample.
+    pub start: u32,
+    /// Index after the last sample; `None`: to the end of the shard.
+    pub end: Option<u32>,
+    /// Byte offset in the shard where sample `start` starts, when known.
+    pub offset: Option<u64>,
 }
 
 /// Iterator state: everything needed to resume a rank's epoch exactly where a consumer stopped.
 ///
 /// Serialise it with serde (JSON is small: the shuffle buffer is a list of positions, not samples).
+///
+/// # Versions
+/// Version 2 added byte offsets (`cursor_offset`, `buffer_offsets`), the plan's shape (`n_shards`,
+/// `shuffle_shards`) and elastic epochs (`ranges`); all of them default when absent, so a version-1 state
+/// still resumes (by skipping samples instead of seeking, and without [`LoaderState::merge`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
     /// Format version.
@@ -201,10 +224,28 @@ pub struct LoaderState {
     pub epoch_complete: bool,
     /// Next position the readers read.
     pub cursor: SourcePos,
+    /// Byte offset in its shard where the sample at `cursor` starts, when known: a resume opens the shard
+    /// there with one ranged read instead of skipping `cursor.index` samples.
+    #[serde(default)]
+    pub cursor_offset: Option<u64>,
     /// Shuffle generator state.
     pub shuffle_rng: u64,
     /// Positions of the samples in the shuffle buffer, in slot order.
     pub buffer: Vec<SourcePos>,
+    /// Byte offset where each buffered sample starts, when known (slot order; empty in a version-1 state).
+    #[serde(default)]
+    pub buffer_offsets: Vec<Option<u64>>,
+    /// Shards in the global list (absent in a version-1 state).
+    #[serde(default)]
+    pub n_shards: Option<usize>,
+    /// Whether the shard order is shuffled per epoch (absent in a version-1 state).
+    #[serde(default)]
+    pub shuffle_shards: Option<bool>,
+    /// The sample ranges this rank reads in an elastic epoch (one resumed on another world size, see
+    /// [`LoaderState::merge`]), in read order; `None` in an epoch that follows the plan. In an elastic epoch a
+    /// position's `shard` is the index of its range in this list, and `pass` is 0.
+    #[serde(default)]
+    pub ranges: Option<Vec<SampleRange>>,
     /// Items drawn from the shuffle buffer so far this epoch (the epoch position of the next one).
     pub drawn: u64,
     /// Samples taken in so far this epoch (emitted + dropped; with a slice, only those inside it).
@@ -231,7 +272,9 @@ pub struct LoaderState {
 
 impl LoaderState {
     /// Format version written by this build.
-    pub const VERSION: u32 = 1;
+    pub const VERSION: u32 = 2;
+    /// Oldest format version this build reads.
+    pub const MIN_VERSION: u32 = 1;
 
     /// The state at the start of `epoch`.
     pub fn start(seed: u64, epoch: u64, world: World, sources: String, shuffle_buffer: usize) -> Self {
@@ -244,8 +287,13 @@ impl LoaderState {
             shuffle_buffer,
             epoch_complete: false,
             cursor: SourcePos { pass: 0, shard: 0, index: 0 },
+            cursor_offset: None,
             shuffle_rng: derive(seed, &[epoch, world.rank as u64, 0x5348]),
             buffer: Vec::new(),
+            buffer_offsets: Vec::new(),
+            n_shards: None,
+            shuffle_shards: None,
+            ranges: None,
             drawn: 0,
             samples_read: 0,
             samples_emitted: 0,
@@ -260,13 +308,23 @@ impl LoaderState {
 
     /// Applies one item's trace: mirrors the shuffle buffer exactly as the reader side changed it.
     pub fn apply(&mut self, trace: &Trace) {
+        // Offsets stay aligned with the buffer (a version-1 state resumed has none for its buffer).
+        self.buffer_offsets.resize(self.buffer.len(), None);
         self.buffer.extend_from_slice(&trace.added);
+        self.buffer_offsets.extend((0..trace.added.len()).map(|i| trace.added_offsets.get(i).copied().flatten()));
         let slot = trace.slot as usize;
         if slot < self.buffer.len() {
             self.buffer.swap_remove(slot);
+            self.buffer_offsets.swap_remove(slot);
         }
         self.shuffle_rng = trace.rng;
         self.cursor = trace.cursor;
+        self.cursor_offset = trace.cursor_offset;
+    }
+
+    /// The byte offset of buffered sample `i` (slot order), when known.
+    pub fn buffer_offset(&self, i: usize) -> Option<u64> {
+        if self.buffer_offsets.len() == self.buffer.len() { self.buffer_offsets[i] } else { None }
     }
 
     /// Total dropped samples.
@@ -360,6 +418,249 @@ impl ShardPlan {
     }
 }
 
+/// The samples of one epoch that remain after the ranks of one world stopped at the same step: what
+/// [`LoaderState::merge`] makes of their states and [`crate::Juicer::resume_elastic`] continues on another world.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ElasticState {
+    /// Format version ([`LoaderState::VERSION`]).
+    pub version: u32,
+    /// Seed of the run.
+    pub seed: u64,
+    /// The epoch the states belong to.
+    pub epoch: u64,
+    /// Fingerprint of the shard list.
+    pub sources: String,
+    /// Shards in the global list.
+    pub n_shards: usize,
+    /// World size the states were taken on.
+    pub from_world_size: usize,
+    /// True when every rank had finished the epoch: resuming starts the next one.
+    pub epoch_complete: bool,
+    /// Samples each old rank emitted this epoch before the checkpoint, by old rank.
+    pub emitted: Vec<u64>,
+    /// The samples not yet emitted (nor dropped), in global shard indices, in the order they are dealt out:
+    /// buffered samples (coalesced into runs, by shard), then the rest of the shards the ranks were reading, then
+    /// the shards no rank had started, each group by global shard.
+    pub remaining: Vec<SampleRange>,
+}
+
+impl LoaderState {
+    /// Combines the states of all `W` ranks of one world, taken at the same step of the same epoch (a trainer
+    /// gathers them, e.g. with `torch.distributed.all_gather_object`), into the epoch's remaining samples, so
+    /// that [`crate::Juicer::resume_elastic`] can continue the epoch on another world size.
+    ///
+    /// The states must share seed, epoch, shard list and world size, and be exactly one per rank `0..W`;
+    /// otherwise [`Error::State`] says what differs. Per rank, what remains is: the samples in its shuffle
+    /// buffer (read, not yet emitted), the rest of the shard its cursor is in (from the cursor's index, with its
+    /// byte offset), and its shards not yet started. Only pass 0 of an epoch can be merged: a rank that wrapped
+    /// around into a repeat pass (under [`EpochSize::RepeatRemainder`] or [`EpochSize::Batches`]) has already
+    /// emitted some samples twice, so "what remains" is no longer a set of samples (error). A rank whose epoch
+    /// is complete contributes nothing; when every rank is complete the result says so and resuming it starts
+    /// the next epoch. A whole-shard failure sitting in a shuffle buffer is not carried over (it was a drop).
+    ///
+    /// Merging states of an elastic epoch (taken after a [`crate::Juicer::resume_elastic`]) works the same way.
+    pub fn merge(states: &[LoaderState]) -> Result<ElasticState> {
+        let first = states.first().ok_or_else(|| Error::State("no loader states to merge".into()))?;
+        let w = first.world.world_size;
+        let mut problems = Vec::new();
+        for s in states {
+            let r = s.world.rank;
+            if !(Self::MIN_VERSION..=Self::VERSION).contains(&s.version) {
+                problems.push(format!(
+                    "rank {r}: state version {} (this build reads up to {})",
+                    s.version,
+                    Self::VERSION
+                ));
+            }
+            if s.seed != first.seed {
+                problems.push(format!("rank {r}: seed {} (rank {} has {})", s.seed, first.world.rank, first.seed));
+            }
+            if s.epoch != first.epoch {
+                problems.push(format!("rank {r}: epoch {} (rank {} has {})", s.epoch, first.world.rank, first.epoch));
+            }
+            if s.sources != first.sources {
+                problems.push(format!("rank {r}: the shard list differs from rank {}'s", first.world.rank));
+            }
+            if s.world.world_size != w {
+                problems
+                    .push(format!("rank {r}: world size {} (rank {} has {w})", s.world.world_size, first.world.rank));
+            }
+            if s.n_shards != first.n_shards || s.shuffle_shards != first.shuffle_shards {
+                problems
+                    .push(format!("rank {r}: shard count or shard shuffling differs from rank {}'s", first.world.rank));
+            }
+        }
+        let mut seen = vec![0usize; w];
+        for s in states {
+            if let Some(n) = seen.get_mut(s.world.rank) {
+                *n += 1;
+            }
+        }
+        let missing: Vec<usize> = (0..w).filter(|&r| seen[r] == 0).collect();
+        let twice: Vec<usize> = (0..w).filter(|&r| seen[r] > 1).collect();
+        if !missing.is_empty() {
+            problems.push(format!("no state for rank(s) {missing:?} of world size {w}"));
+        }
+        if !twice.is_empty() {
+            problems.push(format!("several states for rank(s) {twice:?}"));
+        }
+        if states.iter().any(|s| s.world.rank >= w) {
+            problems.push(format!("a state's rank is outside world size {w}"));
+        }
+        if !problems.is_empty() {
+            return Err(Error::State(format!("cannot merge the loader states: {}", problems.join("; "))));
+        }
+        let (Some(n_shards), Some(shuffle)) = (first.n_shards, first.shuffle_shards) else {
+            return Err(Error::State(
+                "cannot merge loader states of format version 1 (they lack the shard count); take them with this build"
+                    .into(),
+            ));
+        };
+        let mut merged = ElasticState {
+            version: Self::VERSION,
+            seed: first.seed,
+            epoch: first.epoch,
+            sources: first.sources.clone(),
+            n_shards,
+            from_world_size: w,
+            epoch_complete: states.iter().all(|s| s.epoch_complete),
+            emitted: vec![0; w],
+            remaining: Vec::new(),
+        };
+        for s in states {
+            merged.emitted[s.world.rank] = s.samples_emitted;
+        }
+        if merged.epoch_complete {
+            return Ok(merged);
+        }
+        let sets = ShardPlan::rank_sets(n_shards, first.seed, first.epoch, w, shuffle);
+        let mut singles: Vec<(usize, u32, Option<u64>)> = Vec::new();
+        let mut partial = Vec::new();
+        let mut whole = Vec::new();
+        let mut ordered: Vec<&LoaderState> = states.iter().collect();
+        ordered.sort_by_key(|s| s.world.rank);
+        for s in ordered {
+            if s.epoch_complete {
+                continue;
+            }
+            let r = s.world.rank;
+            // A cursor at the very start of pass 1 has read nothing of it: pass 0 is all read, not wrapped.
+            let wrapped = s.buffer.iter().any(|p| p.pass > 0)
+                || s.cursor.pass > 1
+                || (s.cursor.pass == 1 && (s.cursor.shard, s.cursor.index) != (0, 0));
+            if wrapped {
+                return Err(Error::State(format!(
+                    "rank {r} has wrapped around into repeat pass {} of epoch {}: some samples were emitted twice, so \
+                     the epoch's remaining samples are not defined; resume on the same world, or merge at an epoch \
+                     boundary",
+                    s.cursor.pass.max(s.buffer.iter().map(|p| p.pass).max().unwrap_or(0)),
+                    s.epoch
+                )));
+            }
+            let tasks: Vec<SampleRange> = match &s.ranges {
+                Some(ranges) => ranges.clone(),
+                None => sets[r].iter().map(|&g| SampleRange { shard: g, start: 0, end: None, offset: None }).collect(),
+            };
+            let task = |i: u32| {
+                tasks.get(i as usize).copied().ok_or_else(|| {
+                    Error::State(format!("rank {r}: position in shard {i} is outside its {} shard(s)", tasks.len()))
+                })
+            };
+            for (i, p) in s.buffer.iter().enumerate() {
+                if p.index == crate::reader::SHARD_FAILED {
+                    continue;
+                }
+                singles.push((task(p.shard)?.shard, p.index, s.buffer_offset(i)));
+            }
+            let k = if s.cursor.pass > 0 { tasks.len() } else { s.cursor.shard as usize };
+            if let Some(t) = tasks.get(k) {
+                if s.cursor.index > t.start {
+                    let rest = SampleRange { start: s.cursor.index, offset: s.cursor_offset, ..*t };
+                    if rest.end.is_none_or(|e| rest.start < e) {
+                        partial.push(rest);
+                    }
+                } else {
+                    let rest = if s.cursor.index == t.start && s.cursor_offset.is_some() {
+                        SampleRange { offset: s.cursor_offset, ..*t }
+                    } else {
+                        *t
+                    };
+                    if rest.start == 0 && rest.end.is_none() { whole.push(rest) } else { partial.push(rest) }
+                }
+            }
+            for t in tasks.iter().skip(k + 1) {
+                if t.start == 0 && t.end.is_none() { whole.push(*t) } else { partial.push(*t) }
+            }
+        }
+        singles.sort_unstable_by_key(|&(g, i, _)| (g, i));
+        let mut buffered: Vec<SampleRange> = Vec::new();
+        for (g, i, offset) in singles {
+            match buffered.last_mut() {
+                Some(last) if last.shard == g && last.end == Some(i) => last.end = Some(i + 1),
+                _ => buffered.push(SampleRange { shard: g, start: i, end: Some(i + 1), offset }),
+            }
+        }
+        partial.sort_unstable_by_key(|t| (t.shard, t.start));
+        whole.sort_unstable_by_key(|t| t.shard);
+        merged.remaining = buffered.into_iter().chain(partial).chain(whole).collect();
+        Ok(merged)
+    }
+}
+
+impl ElasticState {
+    /// Cuts the remaining samples into `world_size` contiguous pieces of nearly equal sample counts (they
+    /// differ by at most one), given every shard's sample count; piece `r` is what rank `r` reads. Ranges are
+    /// resolved against the counts (an open end becomes the shard's count) and empty ones left out; a range
+    /// cut in two keeps its byte offset on the first part only.
+    pub fn pieces(&self, counts: &[usize], world_size: usize) -> Result<Vec<Vec<SampleRange>>> {
+        if counts.len() != self.n_shards {
+            return Err(Error::State(format!(
+                "the merged state has {} shards, the loader {}",
+                self.n_shards,
+                counts.len()
+            )));
+        }
+        let mut resolved = Vec::with_capacity(self.remaining.len());
+        for r in &self.remaining {
+            let count = u32::try_from(counts.get(r.shard).copied().unwrap_or(0)).unwrap_or(u32::MAX);
+            let end = r.end.unwrap_or(count);
+            if end > count || r.start > end {
+                return Err(Error::State(format!(
+                    "shard {} has {count} samples, but the merged state needs samples {}..{end}: the shard changed",
+                    r.shard, r.start
+                )));
+            }
+            if r.start < end {
+                resolved.push(SampleRange { end: Some(end), ..*r });
+            }
+        }
+        let len = |r: &SampleRange| u64::from(r.end.unwrap_or(r.start) - r.start);
+        let total: u64 = resolved.iter().map(len).sum();
+        let world = world_size.max(1) as u64;
+        let mut pieces = vec![Vec::new(); world_size.max(1)];
+        let mut queue = resolved.into_iter();
+        let mut current: Option<SampleRange> = None;
+        for (rank, piece) in pieces.iter_mut().enumerate() {
+            let r = rank as u64;
+            let mut want = total * (r + 1) / world - total * r / world;
+            while want > 0 {
+                let Some(range) = current.take().or_else(|| queue.next()) else { break };
+                let n = len(&range);
+                if n <= want {
+                    piece.push(range);
+                    want -= n;
+                } else {
+                    let cut = range.start + want as u32;
+                    piece.push(SampleRange { end: Some(cut), ..range });
+                    current = Some(SampleRange { start: cut, offset: None, ..range });
+                    want = 0;
+                }
+            }
+        }
+        Ok(pieces)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,10 +720,44 @@ mod tests {
     fn state_mirror_follows_swap_remove() {
         let p = |i| SourcePos { pass: 0, shard: 0, index: i };
         let mut s = LoaderState::start(0, 0, World::default(), String::new(), 3);
-        s.apply(&Trace { added: vec![p(0), p(1), p(2)], slot: 0, rng: 1, cursor: p(3), pos: p(0) });
+        let t = |added: Vec<SourcePos>, slot, rng, cursor, pos| {
+            let added_offsets = added.iter().map(|q: &SourcePos| Some(u64::from(q.index) * 1024)).collect();
+            Trace { added, added_offsets, slot, rng, cursor, cursor_offset: None, pos }
+        };
+        s.apply(&t(vec![p(0), p(1), p(2)], 0, 1, p(3), p(0)));
         assert_eq!(s.buffer, vec![p(2), p(1)]);
-        s.apply(&Trace { added: vec![p(3)], slot: 1, rng: 2, cursor: p(4), pos: p(1) });
+        assert_eq!(s.buffer_offsets, vec![Some(2048), Some(1024)]);
+        s.apply(&t(vec![p(3)], 1, 2, p(4), p(1)));
         assert_eq!(s.buffer, vec![p(2), p(3)]);
+        assert_eq!(s.buffer_offsets, vec![Some(2048), Some(3072)]);
         assert_eq!(s.shuffle_rng, 2);
+    }
+
+    #[test]
+    fn pieces_are_contiguous_and_nearly_equal() {
+        let r = |shard, start, end, offset| SampleRange { shard, start, end, offset };
+        let merged = ElasticState {
+            version: LoaderState::VERSION,
+            seed: 0,
+            epoch: 0,
+            sources: String::new(),
+            n_shards: 3,
+            from_world_size: 2,
+            epoch_complete: false,
+            emitted: vec![0, 0],
+            remaining: vec![
+                r(0, 2, Some(4), Some(10)),
+                r(1, 3, None, Some(99)),
+                r(2, 0, None, None),
+                r(0, 9, None, None),
+            ],
+        };
+        // 2 + 7 + 5 + 0 (shard 0 has 9 samples) = 14 samples over 3 ranks: 4, 5, 5.
+        let pieces = merged.pieces(&[9, 10, 5], 3).unwrap();
+        assert_eq!(pieces[0], vec![r(0, 2, Some(4), Some(10)), r(1, 3, Some(5), Some(99))]);
+        assert_eq!(pieces[1], vec![r(1, 5, Some(10), None)]);
+        assert_eq!(pieces[2], vec![r(2, 0, Some(5), None)]);
+        assert!(merged.pieces(&[9, 2, 5], 3).unwrap_err().to_string().contains("shard changed"));
+        assert_eq!(merged.pieces(&[9, 10, 5], 20).unwrap().iter().filter(|p| !p.is_empty()).count(), 14);
     }
 }

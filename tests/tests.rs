@@ -7,6 +7,7 @@ mod labels;
 mod mobilenet;
 mod object;
 mod pipeline;
+mod resume;
 mod s3util;
 mod source;
 mod text;

@@ -93,3 +93,136 @@ pub fn juicer(args: &[&str]) -> Output {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// One request [`FileServer`] answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// Requested path, without the leading slash.
+    pub path: String,
+    /// Start of the `Range: bytes=N-` header, if any.
+    pub range: Option<u64>,
+    /// Body bytes sent.
+    pub bytes: u64,
+}
+
+/// A small HTTP server over in-memory files that honours `Range: bytes=N-` (206) and logs every request with
+/// the bytes it sent. Stops when dropped.
+pub struct FileServer {
+    base: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Served>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FileServer {
+    /// Serves `files` (name → bytes) on a local port.
+    pub fn start(files: Vec<(String, Vec<u8>)>) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let files: std::sync::Arc<std::collections::BTreeMap<String, Vec<u8>>> =
+            std::sync::Arc::new(files.into_iter().collect());
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log2, stop2, accepted2) = (log.clone(), stop.clone(), accepted.clone());
+        let handle = std::thread::spawn(move || {
+            let mut workers = Vec::new();
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        accepted2.fetch_add(1, Ordering::SeqCst);
+                        let (files, log) = (files.clone(), log2.clone());
+                        workers.push(std::thread::spawn(move || {
+                            stream.set_nonblocking(false).unwrap();
+                            stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                            let mut head = Vec::new();
+                            let mut buf = [0u8; 1024];
+                            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+                                match stream.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                            let head = String::from_utf8_lossy(&head).into_owned();
+                            let path = head
+                                .split_whitespace()
+                                .nth(1)
+                                .unwrap_or("/")
+                                .trim_start_matches('/')
+                                .to_string();
+                            let range: Option<u64> = head.lines().find_map(|line| {
+                                let (name, value) = line.split_once(':')?;
+                                if !name.trim().eq_ignore_ascii_case("range") {
+                                    return None;
+                                }
+                                value.trim().strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
+                            });
+                            let Some(data) = files.get(&path) else {
+                                let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                                log.lock().unwrap().push(Served { path, range, bytes: 0 });
+                                return;
+                            };
+                            let len = data.len() as u64;
+                            let s = range.unwrap_or(0).min(len);
+                            let head = match range {
+                                Some(s) => format!(
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nConnection: close\r\n\r\n",
+                                    len - s,
+                                    len - 1
+                                ),
+                                None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
+                            };
+                            let _ = stream.write_all(head.as_bytes());
+                            let body = &data[s as usize..];
+                            let sent = match stream.write_all(body) {
+                                Ok(()) => body.len() as u64,
+                                Err(_) => 0,
+                            };
+                            let _ = stream.flush();
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            log.lock().unwrap().push(Served { path, range, bytes: sent });
+                        }));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    Err(_) => break,
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        Self { base, log, accepted, stop, handle: Some(handle) }
+    }
+
+    /// URL of file `name`.
+    pub fn url(&self, name: &str) -> String {
+        format!("{}/{name}", self.base)
+    }
+
+    /// The requests answered since the last call, once every accepted connection has been answered.
+    pub fn take_log(&self) -> Vec<Served> {
+        for _ in 0..2000 {
+            if self.log.lock().unwrap().len() >= self.accepted.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.accepted.store(0, std::sync::atomic::Ordering::SeqCst);
+        std::mem::take(&mut *self.log.lock().unwrap())
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

@@ -46,6 +46,11 @@ impl<O: Send + 'static> DataLoader<O> for Juicer<O> {
     fn num_items(&self) -> usize {
         let epoch = match self.next.lock().map(|n| n.clone()) {
             Ok(Next::Epoch(e)) => e,
+            // An elastic epoch reads its ranges.
+            Ok(Next::Resume(s)) if s.ranges.is_some() => {
+                let ranges = s.ranges.iter().flatten();
+                return ranges.map(|r| r.end.unwrap_or(r.start).saturating_sub(r.start) as usize).sum();
+            }
             Ok(Next::Resume(s)) => s.epoch,
             Err(_) => 0,
         };

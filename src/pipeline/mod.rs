@@ -38,8 +38,11 @@ use topology::EpochSetup;
 
 use crate::error::{Error, Result, SampleError};
 use crate::graph::{Run, StageSnapshot};
-use crate::plan::{LoaderState, ShardPlan, World};
+use crate::plan::{ElasticState, LoaderState, ShardPlan, World};
+use crate::reader::Tasks;
+use crate::rng::derive;
 use crate::sample::JuicedSample;
+use crate::sample::SourcePos;
 use crate::source::{Manifest, Shard};
 
 /// Shards whose sample count is scanned at a time when the sources give none (no manifest).
@@ -202,8 +205,13 @@ impl<O: Send + 'static> Juicer<O> {
     pub fn resume(&self, state: LoaderState) -> Result<()> {
         let s = &self.shared;
         let mut problems = Vec::new();
-        if state.version != LoaderState::VERSION {
-            problems.push(format!("state version {} (this build reads {})", state.version, LoaderState::VERSION));
+        if !(LoaderState::MIN_VERSION..=LoaderState::VERSION).contains(&state.version) {
+            problems.push(format!(
+                "state version {} (this build reads {} to {})",
+                state.version,
+                LoaderState::MIN_VERSION,
+                LoaderState::VERSION
+            ));
         }
         if state.seed != s.config.seed {
             problems.push(format!("seed {} (loader has {})", state.seed, s.config.seed));
@@ -223,6 +231,16 @@ impl<O: Send + 'static> Juicer<O> {
         let next = if state.epoch_complete { Next::Epoch(state.epoch + 1) } else { Next::Resume(Box::new(state)) };
         *self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))? = next;
         Ok(())
+    }
+
+    /// Continues from checkpointed states, whichever kind they are: one state of this juicer's world and rank
+    /// resumes exactly ([`Juicer::resume`]); otherwise the states (every rank of another world, or of this one)
+    /// are merged ([`LoaderState::merge`]) and the epoch continues on this world ([`Juicer::resume_elastic`]).
+    pub fn resume_from(&self, mut states: Vec<LoaderState>) -> Result<()> {
+        if states.len() == 1 && states[0].world == self.shared.world {
+            return self.resume(states.remove(0));
+        }
+        self.resume_elastic(&LoaderState::merge(&states)?)
     }
 
     /// Runs the next epoch (or the resumed one) as a blocking iterator.
@@ -257,7 +275,67 @@ impl<O: Send + 'static> Juicer<O> {
 
     fn fresh_state(&self, epoch: u64) -> LoaderState {
         let s = &self.shared;
-        LoaderState::start(s.config.seed, epoch, s.world, s.fingerprint.clone(), s.config.shuffle_buffer)
+        LoaderState {
+            n_shards: Some(s.shards.len()),
+            shuffle_shards: Some(s.config.shuffle_shards),
+            ..LoaderState::start(s.config.seed, epoch, s.world, s.fingerprint.clone(), s.config.shuffle_buffer)
+        }
+    }
+
+    /// Makes the next `iter()`/`stream()` continue an epoch that ranks of another world size stopped in, from
+    /// their states combined by [`LoaderState::merge`]: every sample of the epoch they had not emitted yet is
+    /// emitted exactly once across this juicer's world.
+    ///
+    /// The remaining samples ([`ElasticState::remaining`]) are cut into one contiguous piece per rank of this
+    /// world, of nearly equal sample counts ([`ElasticState::pieces`], using [`Juicer::shard_counts`]); this rank
+    /// reads its piece, range by range (each opened at its byte offset where the merged state knows it), through
+    /// its shuffle buffer, and the epoch ends when the piece is exhausted: no samples are dropped or repeated to
+    /// equalise ranks in that epoch, and batch counts across ranks differ by at most one (plus the effect of
+    /// dropped bad samples). The epochs after it follow this world's plan, exactly as a fresh run of this world
+    /// would. When every old rank had completed the epoch, the next epoch starts.
+    ///
+    /// The rank's state during the resumed epoch ([`JuicerIter::state`], holding its range list) resumes with
+    /// [`Juicer::resume`] on the same world, and merges again with [`LoaderState::merge`].
+    ///
+    /// What is bit-identical: the samples the old ranks emitted before the checkpoint are what they were;
+    /// the epochs after the resumed one are those of a fresh run on this world. What cannot be: the order of
+    /// the resumed epoch's remaining samples matches neither world's plan (its shuffle buffers are new).
+    pub fn resume_elastic(&self, merged: &ElasticState) -> Result<()> {
+        let s = &self.shared;
+        let mut problems = Vec::new();
+        if !(LoaderState::MIN_VERSION..=LoaderState::VERSION).contains(&merged.version) {
+            problems.push(format!(
+                "merged state version {} (this build reads up to {})",
+                merged.version,
+                LoaderState::VERSION
+            ));
+        }
+        if merged.seed != s.config.seed {
+            problems.push(format!("seed {} (loader has {})", merged.seed, s.config.seed));
+        }
+        if merged.sources != s.fingerprint || merged.n_shards != s.shards.len() {
+            problems.push("the shard list differs from the one the states were taken with".into());
+        }
+        if !problems.is_empty() {
+            return Err(Error::State(problems.join("; ")));
+        }
+        let next = if merged.epoch_complete {
+            Next::Epoch(merged.epoch + 1)
+        } else {
+            let counts = self.shard_counts()?;
+            let w = s.world;
+            let piece = merged.pieces(&counts, w.world_size)?.swap_remove(w.rank);
+            let mut state = self.fresh_state(merged.epoch);
+            if let Some(first) = piece.first() {
+                state.cursor = SourcePos { pass: 0, shard: 0, index: first.start };
+                state.cursor_offset = first.offset;
+            }
+            state.shuffle_rng = derive(s.config.seed, &[merged.epoch, w.rank as u64, w.world_size as u64, 0x454c_4153]);
+            state.ranges = Some(piece);
+            Next::Resume(Box::new(state))
+        };
+        *self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))? = next;
+        Ok(())
     }
 
     /// Batches this rank must yield in `epoch` when ranks are kept equal, and how many sweeps of its shard list
@@ -282,22 +360,33 @@ impl<O: Send + 'static> Juicer<O> {
     fn start(&self, state: LoaderState) -> Result<JuicerIter<O>> {
         let s = &self.shared;
         let cfg = &s.config;
-        let plan = ShardPlan::new(s.shards.len(), cfg.seed, state.epoch, s.world, cfg.shuffle_shards)?;
-        let (target, max_passes) = self.epoch_target(state.epoch)?;
+        let (tasks, target) = match &state.ranges {
+            // An elastic epoch: the rank's piece, once, to its end.
+            Some(ranges) => (Tasks::Ranges(ranges.clone()), None),
+            None => {
+                let plan = ShardPlan::new(s.shards.len(), cfg.seed, state.epoch, s.world, cfg.shuffle_shards)?;
+                let (target, max_passes) = self.epoch_target(state.epoch)?;
+                (Tasks::Plan { plan, max_passes }, target)
+            }
+        };
         let first_state = state.clone();
+        let piece_samples = state
+            .ranges
+            .as_ref()
+            .map(|r| r.iter().map(|x| u64::from(x.end.unwrap_or(x.start).saturating_sub(x.start))).sum::<u64>());
         let run = topology::run_epoch(EpochSetup {
             shards: s.shards.clone(),
             config: cfg,
             models: &s.models,
-            plan,
+            tasks,
             target,
-            max_passes,
             state,
             batcher: self.batcher.clone(),
             device: self.device.clone(),
         })?;
-        let total =
-            s.counts.get().and_then(|c| c.as_ref().ok()).and_then(|_| self.epoch_samples(first_state.epoch).ok());
+        let total = piece_samples.or_else(|| {
+            s.counts.get().and_then(|c| c.as_ref().ok()).and_then(|_| self.epoch_samples(first_state.epoch).ok())
+        });
         Ok(JuicerIter {
             run,
             forwards: s.models.classifier.forwards(),

@@ -25,8 +25,8 @@ use super::sink::{BatchSink, Output};
 use crate::decode::{DecodeStage, Decoder, grid};
 use crate::error::{Error, Result, SampleError};
 use crate::graph::{Envelope, Graph, Inlet, Run};
-use crate::plan::{LoaderState, ShardPlan, Trace};
-use crate::reader::{ReadSetup, reader_worker, sequencer};
+use crate::plan::{LoaderState, Trace};
+use crate::reader::{ReadSetup, Tasks, reader_worker, sequencer};
 use crate::sample::{Decoded, JuicedSample, Pruned, Scored};
 use crate::source::Shard;
 use crate::stage::{BatchStage, Stage};
@@ -45,12 +45,11 @@ pub(super) struct EpochSetup<'a, O> {
     pub config: &'a Config,
     /// Models loaded at build time.
     pub models: &'a Models,
-    /// This rank's shard order for the epoch.
-    pub plan: ShardPlan,
+    /// What this rank reads: its shard order for the epoch (and how often it may be swept to reach `target`),
+    /// or the sample ranges of an elastic epoch.
+    pub tasks: Tasks,
     /// Batches this rank yields, when ranks must be equal.
     pub target: Option<u64>,
-    /// How often the rank's shard list may be swept to reach `target`.
-    pub max_passes: u32,
     /// Where the epoch starts (a fresh state or a resumed one).
     pub state: LoaderState,
     /// The user's batcher.
@@ -67,10 +66,10 @@ pub(super) fn run_epoch<O: Send + 'static>(e: EpochSetup<'_, O>) -> Result<Run<O
     // read: R workers prefetch the shards of their tasks.
     let setup = Arc::new(ReadSetup {
         shards: e.shards.clone(),
-        plan: e.plan,
+        tasks: e.tasks,
         opts: cfg.read.clone(),
-        max_passes: e.max_passes,
         start: e.state.cursor,
+        start_offset: e.state.cursor_offset,
         shutdown: graph.shutdown_flag(),
     });
     let readers = graph.stage("read", cfg.reader_workers);

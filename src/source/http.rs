@@ -50,8 +50,11 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 impl HttpReader {
-    /// Connects to `url`, retrying transient failures up to `opts.http_retries` times.
-    pub(crate) fn open(url: &str, opts: &ReadOptions) -> io::Result<Self> {
+    /// Connects to `url` for the bytes from `offset` on, retrying transient failures up to `opts.http_retries`
+    /// times. A non-zero `offset` (a checkpointed sample's start) makes the first request a
+    /// `Range: bytes=OFFSET-` request, which must be answered `206 Partial Content` starting there, as for a
+    /// reconnect.
+    pub(crate) fn open(url: &str, opts: &ReadOptions, offset: u64) -> io::Result<Self> {
         let timeout = Some(opts.http_timeout);
         let config = ureq::Agent::config_builder()
             .timeout_connect(timeout)
@@ -62,7 +65,7 @@ impl HttpReader {
             url: url.to_string(),
             agent: ureq::Agent::new_with_config(config),
             body: None,
-            offset: 0,
+            offset,
             total: None,
             failures: 0,
             retries: opts.http_retries,
@@ -99,6 +102,10 @@ impl HttpReader {
         }
         let response = match request.call() {
             Ok(r) => r,
+            Err(ureq::Error::StatusCode(416)) => {
+                let msg = format!("HTTP status 416: byte {} is past the end of the shard", self.offset);
+                return Err(ConnectError::Fatal(io::Error::new(io::ErrorKind::UnexpectedEof, msg)));
+            }
             Err(ureq::Error::StatusCode(code)) if (400..500).contains(&code) => {
                 let kind = if code == 404 { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
                 return Err(ConnectError::Fatal(io::Error::new(kind, format!("HTTP status {code}"))));
@@ -223,7 +230,7 @@ mod tests {
         // Bind then drop a listener: the port is (very likely) closed now.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let opts = ReadOptions { http_retries: 1, http_timeout: Duration::from_secs(2), ..ReadOptions::default() };
-        let err = HttpReader::open(&format!("http://127.0.0.1:{port}/x.tar"), &opts).err().unwrap();
+        let err = HttpReader::open(&format!("http://127.0.0.1:{port}/x.tar"), &opts, 0).err().unwrap();
         assert!(err.to_string().contains("cannot connect after 2 attempts"), "{err}");
     }
 }

@@ -3,7 +3,8 @@
 //! [`resolve`] turns shard specifications (paths, globs, brace ranges, URLs, folders, manifests) into [`Shard`]s
 //! ([`resolve_counted`] also returns the sample counts a manifest or folder source gives for free);
 //! [`Shard::open`] streams one shard's samples in file order as `Result<RawSample, SampleError>` items, one
-//! item per sample, so item `i` is sample `i` of the shard (after `skip`). [`ShardWriter`] writes shards in the
+//! item per sample, so item `i` is sample `i` of the shard (after `skip`); [`Shard::open_at`] opens a shard at the
+//! byte offset of a sample ([`ShardReader::next_offset`]) with one ranged read (a seek locally). [`ShardWriter`] writes shards in the
 //! same format.
 //!
 //! The WebDataset contract (how members group into samples, which member is the image) is documented in the
@@ -169,29 +170,50 @@ impl Shard {
             || (object::is_object_url(path) && !path.to_ascii_lowercase().starts_with("file://")))
     }
 
-    /// Opens the byte stream of a tar shard, decompressing a gzip-compressed one (module docs).
-    fn open_medium(path: &str, opts: &ReadOptions) -> Result<Box<dyn Medium>> {
+    /// Opens the byte stream of a tar shard from byte `offset` on, decompressing a gzip-compressed one (module
+    /// docs). The offset is a position in the shard's own bytes, so a gzip-compressed shard ignores it and is
+    /// read from its start ([`Opened::Gzip`]).
+    ///
+    /// One arm per medium: a new medium (object storage: `ObjectReader::open(url, opts, offset)`) gets its own
+    /// arm next to the HTTP one, opening its byte stream at `offset` with a single ranged read.
+    fn open_medium(path: &str, opts: &ReadOptions, offset: u64) -> Result<Opened> {
         let shard_err = |source| Error::Shard { shard: path.to_string(), source };
         let by_name = gzip_name(path);
+        // A name that says gzip: the offset cannot be used, read from the start.
+        let offset = if by_name { 0 } else { offset };
         let mut reader: BufReader<Box<dyn Read + Send>> = if spec::is_url(path) {
-            BufReader::with_capacity(HTTP_BUFFER, Box::new(HttpReader::open(path, opts).map_err(shard_err)?))
+            // HTTP(S): one request, `Range: bytes=OFFSET-` when the offset is not 0.
+            let http = HttpReader::open(path, opts, offset).map_err(shard_err)?;
+            BufReader::with_capacity(HTTP_BUFFER, Box::new(http))
         } else if object::is_object_url(path) {
-            BufReader::with_capacity(HTTP_BUFFER, Box::new(ObjectReader::open(path, opts, 0).map_err(shard_err)?))
+            // Object storage: one GET, ranged from the offset when it is not 0.
+            let object = ObjectReader::open(path, opts, offset).map_err(shard_err)?;
+            BufReader::with_capacity(HTTP_BUFFER, Box::new(object))
         } else {
+            // Local file: sniff the gzip magic at the start, then seek to the offset.
             let mut file = File::open(path).map_err(shard_err)?;
             let mut head = [0u8; 2];
             let n = file.read(&mut head).and_then(|n| file.seek(SeekFrom::Start(0)).map(|_| n)).map_err(shard_err)?;
             if !by_name && !head[..n].starts_with(&GZIP_MAGIC) {
                 // Plain local tar: keep the file seekable so skipped members are sought over.
-                return Ok(Box::new(LocalMedium::new(file).map_err(shard_err)?));
+                file.seek(SeekFrom::Start(offset)).map_err(shard_err)?;
+                return Ok(Opened::Plain(Box::new(LocalMedium::new(file, offset).map_err(shard_err)?), offset));
             }
-            BufReader::with_capacity(HTTP_BUFFER, Box::new(file))
+            return Ok(Opened::Gzip(Box::new(StreamMedium::new(BufReader::with_capacity(
+                HTTP_BUFFER,
+                MultiGzDecoder::new(BufReader::with_capacity(HTTP_BUFFER, file)),
+            )))));
         };
-        let gzip = by_name || reader.fill_buf().map_err(shard_err)?.starts_with(&GZIP_MAGIC);
+        // A stream read from its start may still be gzip by its magic; one read from an offset is plain (a
+        // compressed shard never has offsets in a checkpoint, and a changed one fails the header check).
+        let gzip = by_name || (offset == 0 && reader.fill_buf().map_err(shard_err)?.starts_with(&GZIP_MAGIC));
         if gzip {
-            Ok(Box::new(StreamMedium::new(BufReader::with_capacity(HTTP_BUFFER, MultiGzDecoder::new(reader)))))
+            Ok(Opened::Gzip(Box::new(StreamMedium::new(BufReader::with_capacity(
+                HTTP_BUFFER,
+                MultiGzDecoder::new(reader),
+            )))))
         } else {
-            Ok(Box::new(StreamMedium::new(reader)))
+            Ok(Opened::Plain(Box::new(StreamMedium::new(reader)), offset))
         }
     }
 
@@ -201,12 +223,36 @@ impl Shard {
     /// tar: seek; HTTP and gzip: read and discard; folder: index). Open failure (missing file, HTTP 4xx, refused
     /// connection after retries) -> [`Error::Shard`].
     pub fn open(&self, skip: usize, opts: &ReadOptions) -> Result<ShardReader> {
+        self.open_at(Start { index: skip, offset: None }, opts)
+    }
+
+    /// Opens the shard at `start`: item `i` is sample `start.index + i`.
+    ///
+    /// With `start.offset` (the byte offset where sample `start.index` starts, as
+    /// [`ShardReader::next_offset`] reported it), a plain tar shard is opened right there: a local file seeks
+    /// to it, an HTTP shard asks for it with one `Range: bytes=OFFSET-` request. A gzip-compressed shard has no
+    /// usable byte offsets: it ignores the offset and skips `start.index` samples by reading, as does every
+    /// shard without an offset. When the bytes at the offset are not a tar header (the shard changed since the
+    /// offset was taken), the open fails with [`Error::State`] naming the shard and the offset.
+    pub fn open_at(&self, start: Start, opts: &ReadOptions) -> Result<ShardReader> {
         let inner = match self {
-            Shard::Tar(path) => {
-                let medium = Self::open_medium(path, opts)?;
-                Inner::Tar(TarSamples::new(medium, path.clone(), skip))
-            }
-            Shard::Folder(folder) => Inner::Folder(FolderReader::new(folder.clone(), skip)),
+            Shard::Tar(path) => match Self::open_medium(path, opts, start.offset.unwrap_or(0))? {
+                Opened::Plain(medium, offset) if offset > 0 => {
+                    let samples = TarSamples::at_offset(medium, path.clone(), start.index, offset).map_err(|e| {
+                        Error::State(format!(
+                            "shard `{path}`: no sample starts at byte {offset}, the checkpointed offset of sample {} \
+                             (did the shard change since the checkpoint?): {e}",
+                            start.index
+                        ))
+                    })?;
+                    Inner::Tar(samples)
+                }
+                Opened::Plain(medium, _) => Inner::Tar(TarSamples::new(medium, path.clone(), start.index)),
+                Opened::Gzip(medium) => {
+                    Inner::Tar(TarSamples::new(medium, path.clone(), start.index).without_offsets())
+                }
+            },
+            Shard::Folder(folder) => Inner::Folder(FolderReader::new(folder.clone(), start.index)),
         };
         Ok(ShardReader { name: self.name(), inner })
     }
@@ -215,7 +261,12 @@ impl Shard {
     /// sought over locally, read and discarded over HTTP).
     pub fn count_samples(&self, opts: &ReadOptions) -> Result<usize> {
         match self {
-            Shard::Tar(path) => Ok(TarSamples::count(Self::open_medium(path, opts)?, path.clone())),
+            Shard::Tar(path) => {
+                let medium = match Self::open_medium(path, opts, 0)? {
+                    Opened::Plain(m, _) | Opened::Gzip(m) => m,
+                };
+                Ok(TarSamples::count(medium, path.clone()))
+            }
             Shard::Folder(folder) => Ok(folder.len()),
         }
     }
@@ -227,7 +278,7 @@ pub fn read_location(location: &str, opts: &ReadOptions) -> Result<Vec<u8>> {
     let shard_err = |source| Error::Shard { shard: location.to_string(), source };
     if spec::is_url(location) {
         let mut body = Vec::new();
-        HttpReader::open(location, opts).and_then(|mut r| r.read_to_end(&mut body)).map_err(shard_err)?;
+        HttpReader::open(location, opts, 0).and_then(|mut r| r.read_to_end(&mut body)).map_err(shard_err)?;
         Ok(body)
     } else if object::is_object_url(location) {
         object::read_all(location, opts).map_err(shard_err)
@@ -241,6 +292,24 @@ pub fn read_location(location: &str, opts: &ReadOptions) -> Result<Vec<u8>> {
 fn gzip_name(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     lower.split(['?', '#']).next().is_some_and(|p| p.ends_with(".gz") || p.ends_with(".tgz"))
+}
+
+/// Where [`Shard::open_at`] starts reading a shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Start {
+    /// Index (in file order) of the first sample to yield.
+    pub index: usize,
+    /// Byte offset in the shard where that sample starts, when known (a checkpoint's offset); `None` skips
+    /// `index` samples from the start of the shard.
+    pub offset: Option<u64>,
+}
+
+/// A tar shard's byte stream as [`Shard::open_medium`] opened it.
+enum Opened {
+    /// The shard's own bytes, from the given offset on.
+    Plain(Box<dyn Medium>, u64),
+    /// A decompressed gzip stream, from the start of the shard.
+    Gzip(Box<dyn Medium>),
 }
 
 /// The first two bytes of a gzip stream.
@@ -265,6 +334,19 @@ impl ShardReader {
     /// Name of the shard being read (see [`Shard::name`]).
     pub fn shard_name(&self) -> &str {
         &self.name
+    }
+
+    /// Byte offset in the shard where the next sample (the one after the last item yielded) starts, so that
+    /// [`Shard::open_at`] with it continues there: the end of the last sample's last member, padding included
+    /// (the headers of the next sample, extension headers included, start there).
+    ///
+    /// `None` where byte offsets mean nothing (a gzip-compressed shard, a folder source) or after the shard
+    /// ended on a failure.
+    pub fn next_offset(&self) -> Option<u64> {
+        match &self.inner {
+            Inner::Tar(samples) => samples.next_offset(),
+            Inner::Folder(_) => None,
+        }
     }
 }
 

@@ -54,10 +54,10 @@ pub(crate) struct LocalMedium {
 }
 
 impl LocalMedium {
-    /// Wraps an open file.
-    pub(crate) fn new(file: File) -> io::Result<Self> {
+    /// Wraps an open file whose read position is at byte `pos`.
+    pub(crate) fn new(file: File, pos: u64) -> io::Result<Self> {
         let len = file.metadata()?.len();
-        Ok(Self { reader: BufReader::with_capacity(256 << 10, file), pos: 0, len })
+        Ok(Self { reader: BufReader::with_capacity(256 << 10, file), pos, len })
     }
 }
 
@@ -114,6 +114,8 @@ struct Member {
     ext: String,
     /// Data size in bytes.
     size: u64,
+    /// Byte offset of the member's first header (its PAX or GNU long-name header, when it has one).
+    start: u64,
 }
 
 /// Splits a member path into `(key, extension)` the way `webdataset.base_plus_ext` does, or `None` when the
@@ -153,6 +155,8 @@ struct Walker<M> {
     pos: u64,
     /// Set once the end of the archive has been seen.
     ended: bool,
+    /// Byte offset of the end-of-archive marker, once seen.
+    end_at: Option<u64>,
 }
 
 impl<M: Medium> Walker<M> {
@@ -209,6 +213,8 @@ impl<M: Medium> Walker<M> {
         let mut long_name: Option<String> = None;
         let mut pax_path: Option<String> = None;
         let mut pax_size: Option<u64> = None;
+        // Where the headers of the member being parsed began (extension headers precede its own header).
+        let mut start = self.pos;
         loop {
             if self.ended {
                 return Ok(None);
@@ -226,6 +232,7 @@ impl<M: Medium> Walker<M> {
             }
             if block.iter().all(|&b| b == 0) {
                 self.ended = true;
+                self.end_at = Some(at);
                 return Ok(None);
             }
             let header = ::tar::Header::from_byte_slice(&block);
@@ -275,9 +282,12 @@ impl<M: Medium> Walker<M> {
             let split = if regular { split_member_path(&path) } else { None };
             match split {
                 Some((key, ext)) => {
-                    return Ok(Some(Member { path, key, ext: ext.to_lowercase(), size }));
+                    return Ok(Some(Member { path, key, ext: ext.to_lowercase(), size, start }));
                 }
-                None => self.skip_data(&path, size)?,
+                None => {
+                    self.skip_data(&path, size)?;
+                    start = self.pos;
+                }
             }
         }
     }
@@ -332,6 +342,10 @@ pub(crate) struct TarSamples<M> {
     /// Index in the shard of the next sample to be yielded.
     index: usize,
     done: bool,
+    /// Whether byte offsets in the stream are offsets in the shard (not for a decompressed gzip stream).
+    offsets: bool,
+    /// Byte offset in the shard where the next sample starts, when known.
+    next_offset: Option<u64>,
 }
 
 /// Outcome of walking over samples without reading their data.
@@ -346,8 +360,7 @@ impl<M: Medium> TarSamples<M> {
     /// Starts reading `medium` (named `shard` in every error), skipping the first `skip` samples without reading
     /// their member data.
     pub(crate) fn new(medium: M, shard: String, skip: usize) -> Self {
-        let mut samples =
-            Self { walker: Walker { medium, shard, pos: 0, ended: false }, pending: None, index: 0, done: false };
+        let mut samples = Self::bare(medium, shard, 0, true);
         if skip > 0 {
             let outcome = samples.walk(skip);
             samples.index = skip;
@@ -356,13 +369,67 @@ impl<M: Medium> TarSamples<M> {
                 samples.done = true;
             }
         }
+        samples.next_offset = samples.pending_offset();
         samples
+    }
+
+    /// Starts reading `medium`, positioned at byte `offset` of the shard where sample number `index` starts
+    /// (a checkpointed offset), so that item `i` is sample `index + i`. The header there is read at once: when
+    /// it is not a tar header (the shard changed since the offset was taken), the error detail comes back
+    /// instead of a reader that would yield garbage.
+    pub(crate) fn at_offset(medium: M, shard: String, index: usize, offset: u64) -> Result<Self, String> {
+        let mut samples = Self::bare(medium, shard, offset, true);
+        samples.index = index;
+        match samples.walker.next_member() {
+            Ok(Some(member)) => samples.pending = Some(member),
+            Ok(None) => samples.done = true,
+            Err(detail) => return Err(detail),
+        }
+        samples.next_offset = samples.pending_offset();
+        Ok(samples)
+    }
+
+    /// A stream whose bytes are not the shard's (a decompressed gzip stream): no byte offsets are reported.
+    pub(crate) fn without_offsets(mut self) -> Self {
+        self.offsets = false;
+        self.next_offset = None;
+        self
+    }
+
+    fn bare(medium: M, shard: String, pos: u64, offsets: bool) -> Self {
+        Self {
+            walker: Walker { medium, shard, pos, ended: false, end_at: None },
+            pending: None,
+            index: 0,
+            done: false,
+            offsets,
+            next_offset: None,
+        }
+    }
+
+    /// Where the next sample starts: the first header of the pending member, or the end-of-archive marker.
+    fn pending_offset(&self) -> Option<u64> {
+        if !self.offsets {
+            return None;
+        }
+        match &self.pending {
+            Some(m) => Some(m.start),
+            None if self.walker.ended => self.walker.end_at,
+            None if !self.done => Some(self.walker.pos),
+            None => None,
+        }
+    }
+
+    /// Byte offset in the shard where the next sample (after the last item yielded) starts: a shard opened
+    /// there with [`TarSamples::at_offset`] continues with it. `None` for a decompressed stream or after the
+    /// shard ended on a failure.
+    pub(crate) fn next_offset(&self) -> Option<u64> {
+        self.next_offset
     }
 
     /// Counts the samples (items) of the shard, reading headers only.
     pub(crate) fn count(medium: M, shard: String) -> usize {
-        let mut samples =
-            Self { walker: Walker { medium, shard, pos: 0, ended: false }, pending: None, index: 0, done: false };
+        let mut samples = Self::bare(medium, shard, 0, true);
         let outcome = samples.walk(usize::MAX);
         outcome.started + usize::from(outcome.failed_before_first)
     }
@@ -438,6 +505,14 @@ impl<M: Medium> Iterator for TarSamples<M> {
     type Item = Result<RawSample, SampleError>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        let item = self.next_item();
+        self.next_offset = if self.done && !self.walker.ended { None } else { self.pending_offset() };
+        item
+    }
+}
+
+impl<M: Medium> TarSamples<M> {
+    fn next_item(&mut self) -> Option<Result<RawSample, SampleError>> {
         if self.done {
             return None;
         }
@@ -666,5 +741,48 @@ mod tests {
         let items = read_all(builder.into_inner().unwrap(), 0);
         assert_eq!(items.len(), 1);
         assert_eq!(items[0].as_ref().unwrap().key, "pax/name");
+    }
+
+    #[test]
+    fn next_offset_points_at_the_next_samples_first_header() {
+        let mut builder = ::tar::Builder::new(Vec::new());
+        let add = |b: &mut ::tar::Builder<Vec<u8>>, path: &str, data: &[u8]| {
+            let mut header = ::tar::Header::new_ustar();
+            header.set_size(data.len() as u64);
+            header.set_entry_type(::tar::EntryType::Regular);
+            b.append_data(&mut header, path, data).unwrap();
+        };
+        add(&mut builder, "a.jpg", b"A");
+        add(&mut builder, "a.txt", b"T");
+        // b's own header is preceded by a PAX header: b starts at the PAX header.
+        builder.append_pax_extensions([("path", &b"b.jpg"[..])]).unwrap();
+        add(&mut builder, "short.jpg", b"B");
+        add(&mut builder, "c.jpg", b"C");
+        let bytes = builder.into_inner().unwrap();
+        let mut samples = TarSamples::new(StreamMedium::new(Cursor::new(bytes.clone())), "mem.tar".into(), 0);
+        assert_eq!(samples.next_offset(), Some(0));
+        assert_eq!(samples.next().unwrap().unwrap().key, "a");
+        // a: two members of one header block and one data block each.
+        assert_eq!(samples.next_offset(), Some(2048));
+        assert_eq!(samples.next().unwrap().unwrap().key, "b");
+        let c_at = samples.next_offset().unwrap();
+        assert_eq!(samples.next().unwrap().unwrap().key, "c");
+        let end = samples.next_offset().unwrap();
+        assert!(samples.next().is_none());
+        assert_eq!(end, c_at + 1024, "the end marker follows c");
+        // Opened at b's offset, the reader continues with b, c, counting from index 1.
+        let medium = StreamMedium::new(Cursor::new(bytes[2048..].to_vec()));
+        let mut at = TarSamples::at_offset(medium, "mem.tar".into(), 1, 2048).unwrap();
+        assert_eq!(at.next().unwrap().unwrap().key, "b");
+        assert_eq!(at.next_offset(), Some(c_at));
+        assert_eq!(at.next().unwrap().unwrap().key, "c");
+        assert!(at.next().is_none());
+        // An offset inside a member is refused.
+        let medium = StreamMedium::new(Cursor::new(bytes[2048 + 100..].to_vec()));
+        let err = TarSamples::at_offset(medium, "mem.tar".into(), 1, 2148).err().unwrap();
+        assert!(err.contains("corrupt tar header at byte 2148"), "{err}");
+        // A gzip stream reports no offsets.
+        let plain = TarSamples::new(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into(), 0).without_offsets();
+        assert_eq!(plain.next_offset(), None);
     }
 }
