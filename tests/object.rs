@@ -88,7 +88,7 @@ fn cut_connections_resume_with_an_etag_pinned_range() {
     let expected = read_all(&shard.display().to_string(), &ReadOptions::default());
 
     // Two cuts, each after some progress: both resumed, same samples.
-    proxy.faults.lock().unwrap().cut_after = vec![5000, 9000];
+    proxy.faults.lock().unwrap().cut_after = vec![("s0-".into(), 5000), ("s0-".into(), 9000)];
     let opts = s3_opts(proxy.addr);
     assert_eq!(read_all(&url, &opts), expected);
     let seen = proxy.seen();
@@ -112,7 +112,7 @@ fn an_object_replaced_mid_read_is_an_error_naming_the_shard() {
     let b2 = b.clone();
     {
         let mut f = proxy.faults.lock().unwrap();
-        f.cut_after = vec![6000];
+        f.cut_after = vec![("s0-".into(), 6000)];
         f.on_cut = Some(Box::new(move || put(moto, &b2, "p/s0-000000.tar", &other)));
     }
     let opts = s3_opts(proxy.addr);
@@ -363,4 +363,94 @@ fn the_score_cache_in_s3_is_shared_across_loaders() {
     assert_eq!(first.stdout, second.stdout, "cached scores give the same output");
     let err = String::from_utf8_lossy(&second.stderr);
     assert!(err.contains("misses 0") && err.contains("classifier forwards 0"), "the second run only hits: {err}");
+}
+
+/// A decode-only loader over `urls` through `opts`, read in order (no shuffling), one reader.
+fn ordered_loader(urls: &[String], opts: ReadOptions) -> juicer::Juicer<JuicedBatch> {
+    JuicedBatch::builder(urls.to_vec())
+        .image_size(32)
+        .patch_size(16)
+        .batch_size(4)
+        .device(DeviceSpec::Cpu)
+        .last_stage(LastStage::Decode)
+        .shuffle_buffer(0)
+        .shuffle_shards(false)
+        .reader_workers(1)
+        .read_options(opts)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn resume_opens_the_object_with_one_ranged_get_at_the_checkpointed_offset() {
+    let Some(moto) = moto() else { return };
+    let proxy = Proxy::start(moto);
+    let b = bucket(moto, "resume");
+    let dir = tempfile::tempdir().unwrap();
+    let shards = make_shards(dir.path(), &[14, 9], |_| Fault::None);
+    let urls = upload(moto, &b, "p", &shards);
+    let keys =
+        |l: &juicer::Juicer<JuicedBatch>| -> Vec<String> { l.iter().unwrap().flat_map(|b| b.unwrap().keys).collect() };
+    let full = keys(&ordered_loader(&urls, s3_opts(proxy.addr)));
+    let first = ordered_loader(&urls, s3_opts(proxy.addr));
+    let mut it = first.iter().unwrap();
+    let head: Vec<String> = it.by_ref().take(2).flat_map(|b| b.unwrap().keys).collect();
+    let state = it.state().clone();
+    drop(it);
+    let offset = state.cursor_offset.expect("an object-store shard has byte offsets");
+    let again = ordered_loader(&urls, s3_opts(proxy.addr));
+    again.resume(state).unwrap();
+    proxy.reset();
+    let tail = keys(&again);
+    assert_eq!([head, tail].concat(), full, "resumed = the uninterrupted run");
+    let seen = proxy.seen();
+    let shard0: Vec<_> = seen.gets.iter().filter(|(t, _)| t.ends_with("s0-000000.tar")).collect();
+    assert_eq!(shard0.len(), 1, "one GET for the checkpointed shard: {seen:?}");
+    assert_eq!(shard0[0].1, Some(format!("bytes={offset}-")), "{seen:?}");
+    let sizes: u64 = shards.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    assert_eq!(seen.get_bytes, sizes - offset, "no byte before the offset is read: {seen:?}");
+}
+
+#[test]
+fn read_equals_emitted_plus_dropped_under_cuts_throttling_and_a_replaced_object() {
+    let Some(moto) = moto() else { return };
+    let proxy = Proxy::start(moto);
+    let b = bucket(moto, "acct");
+    let dir = tempfile::tempdir().unwrap();
+    let shards = make_shards(dir.path(), &[12, 12, 12], |_| Fault::None);
+    let urls = upload(moto, &b, "p", &shards);
+    let replacement = std::fs::read(&shards[2]).unwrap();
+    let b2 = b.clone();
+    let replaced = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (r, faults) = (replaced.clone(), proxy.faults.clone());
+    {
+        let mut f = proxy.faults.lock().unwrap();
+        f.slow_down = 1;
+        f.cut_after = vec![("s0-".into(), 4000)];
+        // After shard 0's cut: cut shard 1 too, and replace it on the server at that moment.
+        f.on_cut = Some(Box::new(move || {
+            let mut f = faults.lock().unwrap();
+            f.cut_after.push(("s1-".into(), 7000));
+            f.on_cut = Some(Box::new(move || {
+                put(moto, &b2, "p/s1-000000.tar", &replacement);
+                r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }));
+        }));
+    }
+    let l = ordered_loader(&urls, s3_opts(proxy.addr));
+    let mut it = l.iter().unwrap();
+    let emitted: usize = it.by_ref().map(|b| b.unwrap().len()).sum();
+    let dropped = it.take_dropped();
+    let s = it.summary();
+    assert_eq!(s.read, s.emitted + s.dropped_total(), "{s:?}");
+    assert_eq!(s.emitted, emitted as u64);
+    assert_eq!(replaced.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Shard 0: throttled once and cut once, both retried: all 12 samples. Shard 1: replaced mid-read, the
+    // sample in progress dropped as truncated naming the shard and the rest never read as the other version.
+    // Shard 2: whole.
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert!(dropped[0].detail.contains("replaced") && dropped[0].detail.contains("s1-000000.tar"), "{dropped:?}");
+    assert!(emitted >= 24 && emitted < 36, "{emitted}");
+    // Retries: the SlowDown, shard 0's cut, shard 1's cut (whose ETag-pinned request then fails: one failure).
+    assert_eq!((s.io.retries, s.io.failures), (3, 1), "{:?}", s.io);
 }

@@ -130,9 +130,9 @@ pub fn put(moto: SocketAddr, bucket: &str, key: &str, bytes: &[u8]) {
 pub struct Faults {
     /// Answer this many of the next requests with `503 SlowDown` (not forwarded).
     pub slow_down: usize,
-    /// For the next GETs of an object body: forward this many body bytes, then cut the connection. One entry
-    /// per GET, consumed in order.
-    pub cut_after: Vec<usize>,
+    /// Cuts: `(part of the object path, n)`: the next successful GET of an object whose path contains the part
+    /// forwards `n` body bytes, then the connection is cut. Each entry is used once, first match first.
+    pub cut_after: Vec<(String, usize)>,
     /// Runs once, right after the first cut (e.g. replace the object on the server).
     pub on_cut: Option<Box<dyn FnOnce() + Send>>,
 }
@@ -276,8 +276,8 @@ fn serve(
     let mut cut = None;
     if object_get && ok {
         let mut f = faults.lock().unwrap();
-        if !f.cut_after.is_empty() {
-            cut = Some(f.cut_after.remove(0).min(rbody.len()));
+        if let Some(i) = f.cut_after.iter().position(|(part, _)| target.contains(part.as_str())) {
+            cut = Some(f.cut_after.remove(i).1.min(rbody.len()));
         }
         let mut s = seen.lock().unwrap();
         s.gets.push((target.clone(), header(&head, "range").map(str::to_string)));
@@ -288,12 +288,13 @@ fn serve(
         Some(n) => {
             client.write_all(&rbody[..n])?;
             client.flush()?;
-            let _ = client.shutdown(std::net::Shutdown::Both);
             seen.lock().unwrap().cuts += 1;
+            // The hook runs before the cut, so the client's reconnect sees what it did.
             let hook = faults.lock().unwrap().on_cut.take();
             if let Some(hook) = hook {
                 hook();
             }
+            let _ = client.shutdown(std::net::Shutdown::Both);
         }
         None => client.write_all(rbody)?,
     }
