@@ -50,16 +50,7 @@ impl World {
         world_size: Option<usize>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<World> {
-        let parse = |k: &str| -> Result<Option<usize>> {
-            match env(k) {
-                None => Ok(None),
-                Some(v) => v
-                    .trim()
-                    .parse::<usize>()
-                    .map(Some)
-                    .map_err(|_| Error::Config(vec![format!("environment variable {k}={v:?} is not a number")])),
-            }
-        };
+        let parse = |k: &str| env_number(&env, k);
         let from_env = match (parse("RANK")?, parse("WORLD_SIZE")?) {
             (Some(r), Some(w)) => Some((r, w)),
             _ => match (parse("SLURM_PROCID")?, parse("SLURM_NTASKS")?) {
@@ -90,15 +81,7 @@ impl World {
         tasks: Option<usize>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<World> {
-        let parse = |k: &str| -> Result<Option<usize>> {
-            env(k)
-                .map(|v| {
-                    v.trim()
-                        .parse::<usize>()
-                        .map_err(|_| Error::Config(vec![format!("environment variable {k}={v:?} is not a number")]))
-                })
-                .transpose()
-        };
+        let parse = |k: &str| env_number(&env, k);
         let (rank, world_size) = if let (Some(r), Some(w)) = (task, tasks) {
             (r, w)
         } else if let (Some(id), Some(count)) = (parse("SLURM_ARRAY_TASK_ID")?, parse("SLURM_ARRAY_TASK_COUNT")?) {
@@ -132,6 +115,17 @@ impl World {
         }
         Ok(())
     }
+}
+
+/// The number in environment variable `k`, if set.
+fn env_number(env: &impl Fn(&str) -> Option<String>, k: &str) -> Result<Option<usize>> {
+    env(k)
+        .map(|v| {
+            v.trim()
+                .parse::<usize>()
+                .map_err(|_| Error::Config(vec![format!("environment variable {k}={v:?} is not a number")]))
+        })
+        .transpose()
 }
 
 /// How long an epoch is, per rank.

@@ -5,19 +5,13 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use juicer::{DeviceSpec, EpochSize, JuicedBatch, JuicerBuilder, LoaderState, OnError};
+use juicer::{EpochSize, JuicedBatch, JuicerBuilder, LoaderState, OnError};
 use proptest::prelude::*;
 
 use crate::util::{Fault, make_shards, specs};
 
 fn builder(sources: Vec<String>) -> JuicerBuilder {
-    JuicedBatch::builder(sources)
-        .image_size(32)
-        .patch_size(16)
-        .batch_size(4)
-        .device(DeviceSpec::Cpu)
-        .decode_workers(2)
-        .capacity(4)
+    crate::util::small_loader(sources)
 }
 
 /// Batch contents as comparable host data: keys plus the raw patch values.

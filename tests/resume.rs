@@ -4,19 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use juicer::{DeviceSpec, ElasticState, JuicedBatch, Juicer, JuicerBuilder, LoaderState};
+use juicer::{ElasticState, JuicedBatch, Juicer, JuicerBuilder, LoaderState};
 
 use crate::util::{Fault, FileServer, juicer as juicer_bin, make_shards, specs, stderr};
 
 fn builder(sources: Vec<String>) -> JuicerBuilder {
-    JuicedBatch::builder(sources)
-        .image_size(32)
-        .patch_size(16)
-        .batch_size(4)
-        .device(DeviceSpec::Cpu)
-        .decode_workers(2)
-        .capacity(4)
-        .shuffle_shards(false)
+    crate::util::small_loader(sources).shuffle_shards(false)
 }
 
 fn keys_of(batches: Vec<JuicedBatch>) -> Vec<Vec<String>> {

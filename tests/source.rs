@@ -1,7 +1,7 @@
 //! Integration tests for `juicer::source`: WebDataset grouping, bad input, skip/count, shard specs, HTTP
 //! streaming with resume, the shard writer and the folder source.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle};
@@ -463,30 +463,11 @@ enum Behaviour {
     NotFound,
 }
 
-/// Reads one request's head and returns the start of its `Range: bytes=N-` header, if any.
-fn read_request(stream: &mut TcpStream) -> Option<usize> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    }
-    String::from_utf8_lossy(&head).lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        if !name.trim().eq_ignore_ascii_case("range") {
-            return None;
-        }
-        value.trim().strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
-    })
-}
-
 /// Answers one connection; returns the requested range start.
 fn answer(mut stream: TcpStream, data: &[u8], behaviour: Behaviour, index: usize) -> Option<usize> {
     stream.set_nonblocking(false).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let range = read_request(&mut stream);
+    let range = crate::util::read_request(&mut stream).1.map(|r| r as usize);
     let len = data.len();
     let (start, cut) = match behaviour {
         Behaviour::NotFound => {
@@ -498,14 +479,7 @@ fn answer(mut stream: TcpStream, data: &[u8], behaviour: Behaviour, index: usize
         Behaviour::CutAlways(at) => (range, at),
         Behaviour::NoRange(at) => (None, if index == 0 { at } else { len }),
     };
-    let head = match start {
-        Some(s) => format!(
-            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nConnection: close\r\n\r\n",
-            len - s,
-            len - 1
-        ),
-        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
-    };
+    let head = crate::util::response_head(start.map(|s| s as u64), len as u64);
     let s = start.unwrap_or(0);
     let _ = stream.write_all(head.as_bytes());
     let _ = stream.write_all(&data[s..cut.max(s)]);

@@ -118,7 +118,7 @@ pub struct FileServer {
 impl FileServer {
     /// Serves `files` (name → bytes) on a local port.
     pub fn start(files: Vec<(String, Vec<u8>)>) -> Self {
-        use std::io::{Read, Write};
+        use std::io::Write;
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -139,43 +139,17 @@ impl FileServer {
                         workers.push(std::thread::spawn(move || {
                             stream.set_nonblocking(false).unwrap();
                             stream.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-                            let mut head = Vec::new();
-                            let mut buf = [0u8; 1024];
-                            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
-                                match stream.read(&mut buf) {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                                }
-                            }
-                            let head = String::from_utf8_lossy(&head).into_owned();
-                            let path = head
-                                .split_whitespace()
-                                .nth(1)
-                                .unwrap_or("/")
-                                .trim_start_matches('/')
-                                .to_string();
-                            let range: Option<u64> = head.lines().find_map(|line| {
-                                let (name, value) = line.split_once(':')?;
-                                if !name.trim().eq_ignore_ascii_case("range") {
-                                    return None;
-                                }
-                                value.trim().strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
-                            });
+                            let (path, range) = read_request(&mut stream);
                             let Some(data) = files.get(&path) else {
-                                let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                                let _ = stream.write_all(
+                                    b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                                );
                                 log.lock().unwrap().push(Served { path, range, bytes: 0 });
                                 return;
                             };
                             let len = data.len() as u64;
                             let s = range.unwrap_or(0).min(len);
-                            let head = match range {
-                                Some(s) => format!(
-                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nConnection: close\r\n\r\n",
-                                    len - s,
-                                    len - 1
-                                ),
-                                None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
-                            };
+                            let head = response_head(range, len);
                             let _ = stream.write_all(head.as_bytes());
                             let body = &data[s as usize..];
                             let sent = match stream.write_all(body) {
@@ -225,4 +199,52 @@ impl Drop for FileServer {
             let _ = h.join();
         }
     }
+}
+
+/// The head of an HTTP answer with the bytes of a `len`-byte body from `start` on: `206` with `Content-Range`
+/// for a range, else `200`; one answer per connection.
+pub fn response_head(start: Option<u64>, len: u64) -> String {
+    match start {
+        Some(s) => format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{len}\r\nConnection: close\r\n\r\n",
+            len - s,
+            len - 1
+        ),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"),
+    }
+}
+
+/// A loader builder for small synthetic shards: 32-px input, 16-px patches, batches of 4, CPU, small edges.
+pub fn small_loader(sources: Vec<String>) -> juicer::JuicerBuilder {
+    juicer::JuicedBatch::builder(sources)
+        .image_size(32)
+        .patch_size(16)
+        .batch_size(4)
+        .device(juicer::DeviceSpec::Cpu)
+        .decode_workers(2)
+        .capacity(4)
+}
+
+/// Reads one HTTP request's head: its path (without the leading `/`) and the start of its `Range: bytes=N-`
+/// header, if any.
+pub fn read_request(stream: &mut std::net::TcpStream) -> (String, Option<u64>) {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let path = head.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/').to_string();
+    let range = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("range") {
+            return None;
+        }
+        value.trim().strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok()
+    });
+    (path, range)
 }
