@@ -11,7 +11,11 @@
 //! - `vision/extract/3_candidates`: the extract rule ([`select_classes`], `min_prob` 0 so all 3 maps are summed) on
 //!   that photo's 3 candidates and its 98 kept patches.
 //!
-//! Decoding is not measured. The whole run takes about a minute.
+//! - `mobilenet/{torchvision,folded}/{1,16}`: the bare MobileNetV2 forward (features + logits) on a batch of 1 or 16
+//!   fixture photos, as loaded (conv + BatchNorm, torchvision's graph) and with the BatchNorms folded into the
+//!   convolutions (what the scorer runs), side by side.
+//!
+//! Decoding is not measured. The whole run takes about two minutes.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -91,5 +95,34 @@ fn bench_vision(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_vision);
+fn bench_mobilenet(c: &mut Criterion) {
+    use burn::tensor::{Tensor, TensorData};
+    use juicer::model::mobilenet_v2;
+    let device = Device::flex();
+    let photos = decoded_photos();
+    let input = |n: usize| {
+        let size = photos[0].size;
+        let data: Vec<f32> = (0..n).flat_map(|i| photos[i % photos.len()].pixels.clone()).collect();
+        Tensor::<4>::from_data(TensorData::new(data, [n, 3, size, size]), &device)
+    };
+    let plain = mobilenet_v2::embedded(&device).expect("embedded MobileNetV2");
+    let folded = mobilenet_v2::embedded(&device).expect("embedded MobileNetV2").fold_batch_norms();
+    let mut group = c.benchmark_group("mobilenet");
+    group.sampling_mode(SamplingMode::Flat).sample_size(10).measurement_time(Duration::from_secs(8));
+    for n in [1usize, 16] {
+        let x = input(n);
+        group.throughput(Throughput::Elements(n as u64));
+        for (name, model) in [("torchvision", &plain), ("folded", &folded)] {
+            group.bench_with_input(BenchmarkId::new(name, n), &x, |b, x| {
+                b.iter(|| {
+                    let (features, logits) = model.forward(x.clone());
+                    black_box((features.into_data(), logits.into_data()))
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_vision, bench_mobilenet);
 criterion_main!(benches);

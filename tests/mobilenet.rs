@@ -142,8 +142,22 @@ fn mobilenet_module_paths_are_torchvision_keys() {
 
 #[test]
 fn mobilenet_reference_parity() {
+    reference_parity(&MODEL);
+}
+
+/// The model the pipeline runs: BatchNorms folded into the convolutions keeps the reference's tolerances.
+#[test]
+fn mobilenet_with_folded_batch_norms_keeps_reference_parity() {
+    let folded = mobilenet_v2::embedded(&Device::flex()).unwrap().fold_batch_norms();
+    assert!(folded.features.iter().all(|f| match f {
+        mobilenet_v2::Feature::ConvBnRelu6((conv, _)) => conv.bias.is_some(),
+        mobilenet_v2::Feature::InvertedResidual(_) => true,
+    }));
+    reference_parity(&folded);
+}
+
+fn reference_parity(model: &MobileNetV2) {
     let device = Device::flex();
-    let model = &*MODEL;
     let classes = imagenet_classes();
     let bias = to_vec(model.classifier_bias());
     for photo in PHOTOS {

@@ -105,8 +105,8 @@ impl Classifier {
     /// Loads the weights (`None`: embedded) on `device`; bad weights fail here, naming file and tensor.
     pub fn load(weights: Option<&Path>, device: &Device) -> Result<Self> {
         let model = match weights {
-            Some(p) => mobilenet_v2::load(p, device)?,
-            None => mobilenet_v2::embedded(device)?,
+            Some(p) => mobilenet_v2::load(p, device)?.fold_batch_norms(),
+            None => mobilenet_v2::embedded(device)?.fold_batch_norms(),
         };
         let weight = model
             .classifier_weight()
