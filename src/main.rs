@@ -213,8 +213,8 @@ struct RunArgs {
     /// Items per model micro-batch.
     #[arg(long, default_value_t = 16)]
     micro_batch: usize,
-    /// Model threads (model replicas) per model stage; on a CPU device more than one uses more cores.
-    #[arg(long, default_value_t = 1)]
+    /// Model threads (model replicas) per model stage; 0 chooses: 2 on a CPU with at least 2 cores, 1 on a GPU.
+    #[arg(long, default_value_t = 0)]
     model_workers: usize,
     /// Cache the scorer's outputs (cam, attention) in DIR so later epochs and runs skip the scoring model; an
     /// object-store URL (s3://bucket/cache) shares the cache across ranks and jobs.

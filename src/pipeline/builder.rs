@@ -227,6 +227,10 @@ impl JuicerBuilder {
             format!("{:016x}", shards.iter().fold(hash_str(""), |h, s| derive(h, &[hash_str(&s.name())])));
         let device = self.config.device.resolve()?;
         let mut config = self.config;
+        if config.vision.model_workers == 0 {
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            config.vision.model_workers = crate::vision::auto_model_workers(&device, cores);
+        }
         let models = Models::load(&mut config, &device)?;
         Ok(Juicer {
             shared: Arc::new(Shared { shards, config, world, fingerprint, counts: OnceLock::new(), known, models }),
