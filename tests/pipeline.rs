@@ -101,7 +101,7 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     let bound = readers * cap   // reader edges
         + buffer                // shuffle buffer
         // Between the shuffle and the sink: the credit window (edges, workers, micro-batches, reorder buffer).
-        + 6 * cap + 4 * workers + 2 * micro + 1
+        + 6 * cap + 4 * workers + 2 * micro * by("score").workers + 1 // model replicas chosen at build
         + cap * bs              // batches waiting on the last edge
         + bs                    // the full batch the sink holds while blocked on the last edge
         + bs                    // the batch being built
