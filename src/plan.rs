@@ -374,6 +374,12 @@ impl ShardPlan {
         self.n_shards
     }
 
+    /// Global index of the shard at position `i` of `pass`'s order (no copy of the order for pass 0, which every
+    /// epoch reads; a repeat pass computes its order).
+    pub fn shard_at(&self, pass: u32, i: usize) -> Option<usize> {
+        if pass == 0 || !self.shuffle { self.rank_set.get(i).copied() } else { self.pass_order(pass).get(i).copied() }
+    }
+
     /// Global shard indices of this rank in the order of `pass`.
     pub fn pass_order(&self, pass: u32) -> Vec<usize> {
         let mut order = self.rank_set.clone();

@@ -109,7 +109,7 @@ impl ReadSetup {
     /// Global index of the shard at `shard` of pass `pass`.
     fn global(&self, pass: u32, shard: u32) -> Option<usize> {
         match &self.tasks {
-            Tasks::Plan { plan, .. } => plan.pass_order(pass).get(shard as usize).copied(),
+            Tasks::Plan { plan, .. } => plan.shard_at(pass, shard as usize),
             Tasks::Ranges(ranges) => ranges.get(shard as usize).map(|r| r.shard),
         }
     }

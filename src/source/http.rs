@@ -43,8 +43,8 @@ enum ConnectError {
     Fatal(io::Error),
 }
 
-/// Pause before retry number `attempt` (1-based).
-fn backoff(attempt: u32) -> Duration {
+/// Pause before retry number `attempt` (1-based), for every remote medium (HTTP and object storage).
+pub(super) fn backoff(attempt: u32) -> Duration {
     let factor = 1u32 << attempt.saturating_sub(1).min(8);
     BASE_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
 }

@@ -24,7 +24,6 @@
 use std::collections::HashMap;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -32,16 +31,12 @@ use object_store::path::Path;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::ReadOptions;
+use super::http::backoff;
 use crate::error::{Error, Result};
 use crate::graph::{Prefetch, block_on};
 
 /// Body chunks buffered ahead of the reader (chunks are the transport's, typically 8–64 KiB).
 pub(crate) const READ_AHEAD: usize = 64;
-
-/// Pause before the first retry; doubled on each further retry up to [`MAX_BACKOFF`].
-const BASE_BACKOFF: Duration = Duration::from_millis(100);
-/// Longest pause between two retries.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// URL schemes served by object storage.
 const SCHEMES: [&str; 9] = ["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "adl", "file"];
@@ -50,12 +45,6 @@ const SCHEMES: [&str; 9] = ["s3", "s3a", "gs", "az", "azure", "abfs", "abfss", "
 /// `abfss://`, `adl://` or `file://`.
 pub fn is_object_url(spec: &str) -> bool {
     spec.split_once("://").is_some_and(|(scheme, _)| SCHEMES.iter().any(|s| scheme.eq_ignore_ascii_case(s)))
-}
-
-/// Pause before retry number `attempt` (1-based).
-fn backoff(attempt: u32) -> Duration {
-    let factor = 1u32 << attempt.saturating_sub(1).min(8);
-    BASE_BACKOFF.saturating_mul(factor).min(MAX_BACKOFF)
 }
 
 /// A client and the object path for one URL.
@@ -209,8 +198,8 @@ pub(crate) struct ObjectReader {
     opts: ReadOptions,
     /// ETag of the version being read, when the store gives one.
     etag: Option<String>,
-    /// Object size.
-    size: u64,
+    /// Object size, from the first answer (`None` before it).
+    size: Option<u64>,
     /// Bytes delivered so far (absolute position in the object).
     offset: u64,
     body: Option<Prefetch<object_store::Result<Bytes>>>,
@@ -229,7 +218,7 @@ impl ObjectReader {
             path: located.path,
             opts: opts.clone(),
             etag: None,
-            size: 0,
+            size: None,
             offset,
             body: None,
             chunk: Bytes::new(),
@@ -242,7 +231,6 @@ impl ObjectReader {
     /// Issues the GET for the bytes from `self.offset` on (pinned to the first answer's ETag).
     fn request(&mut self) -> io::Result<()> {
         let (store, path, etag, offset) = (self.store.clone(), self.path.clone(), self.etag.clone(), self.offset);
-        let first = self.body.is_none() && self.etag.is_none();
         let result = with_retries(&self.name, &self.opts, || {
             let (store, path) = (store.clone(), path.clone());
             let options = GetOptions {
@@ -252,15 +240,19 @@ impl ObjectReader {
             };
             async move { store.get_opts(&path, options).await }
         })?;
-        if first {
-            self.etag = result.meta.e_tag.clone();
-            self.size = result.meta.size;
-        } else if self.etag.is_none() && result.meta.size != self.size {
+        match self.size {
+            None => {
+                self.etag = result.meta.e_tag.clone();
+                self.size = Some(result.meta.size);
+            }
             // No ETag to pin: the size is the only check left.
-            return Err(io::Error::other(format!(
-                "`{}` changed size while being read ({} -> {} bytes)",
-                self.name, self.size, result.meta.size
-            )));
+            Some(size) if self.etag.is_none() && result.meta.size != size => {
+                return Err(io::Error::other(format!(
+                    "`{}` changed size while being read ({size} -> {} bytes)",
+                    self.name, result.meta.size
+                )));
+            }
+            Some(_) => {}
         }
         if result.range.start != offset {
             return Err(io::Error::other(format!(
@@ -281,7 +273,12 @@ impl ObjectReader {
             self.opts.stats.count_failure();
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("`{}` broke at byte {} of {} and did not resume: {why}", self.name, self.offset, self.size),
+                format!(
+                    "`{}` broke at byte {} of {} and did not resume: {why}",
+                    self.name,
+                    self.offset,
+                    self.size.unwrap_or(0)
+                ),
             ));
         }
         self.opts.stats.count_retry();
@@ -300,7 +297,7 @@ impl Read for ObjectReader {
                 self.opts.stats.count_bytes(n as u64);
                 return Ok(n);
             }
-            if self.offset >= self.size || buf.is_empty() {
+            if self.size.is_some_and(|size| self.offset >= size) || buf.is_empty() {
                 return Ok(0);
             }
             let next = match self.body.as_mut() {
@@ -459,13 +456,6 @@ mod tests {
         assert!(!is_object_url("data/s3.tar"));
         assert_eq!(split_root("s3://bucket/a/b-*.tar"), Some(("s3://bucket", "a/b-*.tar")));
         assert_eq!(split_root("s3://bucket"), None);
-    }
-
-    #[test]
-    fn backoff_grows_and_caps() {
-        assert_eq!(backoff(1), BASE_BACKOFF);
-        assert_eq!(backoff(2), BASE_BACKOFF * 2);
-        assert_eq!(backoff(30), MAX_BACKOFF);
     }
 
     #[test]

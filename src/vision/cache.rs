@@ -229,23 +229,19 @@ impl ScoreCache {
     /// The entry of `key` with these decoded pixels, counting a hit or a miss.
     pub fn get(&self, key: &str, pixels: &[f32]) -> Option<Entry> {
         let ph = pixel_hash(pixels);
-        let (bytes, remove): (Option<Vec<u8>>, Box<dyn Fn()>) = match &self.remote {
-            None => {
-                let path = self.path(key, ph);
-                (std::fs::read(&path).ok(), Box::new(move || drop(std::fs::remove_file(&path))))
-            }
-            Some(read) => {
-                let url = self.url(key, ph);
-                let got = crate::source::object::get_opt(&url, read).ok().flatten().map(|b| b.to_vec());
-                (got, Box::new(move || drop(crate::source::object::delete(&url, read))))
-            }
+        let bytes = match &self.remote {
+            None => std::fs::read(self.path(key, ph)).ok(),
+            Some(read) => crate::source::object::get_opt(&self.url(key, ph), read).ok().flatten().map(|b| b.to_vec()),
         };
         let found = match bytes {
             Some(bytes) => match decode_entry(&bytes, key, ph) {
                 Some(e) => Some(e),
                 None => {
                     self.corrupt.fetch_add(1, Ordering::Relaxed);
-                    remove();
+                    match &self.remote {
+                        None => drop(std::fs::remove_file(self.path(key, ph))),
+                        Some(read) => drop(crate::source::object::delete(&self.url(key, ph), read)),
+                    }
                     None
                 }
             },
