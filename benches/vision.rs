@@ -62,7 +62,7 @@ fn decoded_photos() -> Vec<Decoded> {
 
 fn bench_vision(c: &mut Criterion) {
     let classifier = Classifier::load(None, &Device::flex()).expect("embedded MobileNetV2");
-    let mut scorer = CamScorer { classifier, patch: 16, cam_top: 5, top_k: 3 };
+    let mut scorer = CamScorer { classifier, patch: 16, cam_top: 5, top_k: 3, score_size: 224 };
     let photos = decoded_photos();
 
     let mut group = c.benchmark_group("vision");

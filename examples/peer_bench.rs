@@ -167,7 +167,7 @@ fn cam(inputs: &Path, batch: usize, images: usize) -> anyhow::Result<()> {
     }
     let inputs = read_inputs(inputs)?;
     let classifier = Classifier::load(None, &Device::flex()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut scorer = CamScorer { classifier, patch: 16, cam_top: 5, top_k: 3 };
+    let mut scorer = CamScorer { classifier, patch: 16, cam_top: 5, top_k: 3, score_size: 224 };
 
     // Untimed: every distinct input once (warms the model), for the cross-check with Python.
     let mut top3 = Vec::with_capacity(inputs.len());

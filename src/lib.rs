@@ -82,14 +82,16 @@
 //!   `folder.rs` (folder + JSONL), `spec.rs` (globs, brace ranges), `manifest.rs` (wids shard lists),
 //!   `pack.rs` ([`source::ShardWriter`]). **Invariant:** a sample is read whole or reported as `Truncated`, never
 //!   short.
-//! - [`decode`]: bytes → RGB → torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode
-//!   stage; the one copy of the ImageNet and CLIP normalisation constants.
+//! - [`decode`]: bytes → RGB (libjpeg-turbo at a reduced DCT scale where the crop allows, libwebp, `image`) →
+//!   torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode stage; the one copy of the
+//!   ImageNet and CLIP normalisation constants.
 //! - [`sample`]: the item each edge carries ([`RawSample`] → [`Decoded`] → [`Scored`](sample::Scored) →
 //!   [`Pruned`](sample::Pruned) → [`JuicedSample`]) and CLIP's token context ([`sample::CONTEXT`]).
 //! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
 //!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`], in the model
 //!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
-//! - [`device`]: `cpu` (flex), `wgpu[:N]`, `auto` (never a software Vulkan adapter).
+//! - [`device`]: `cpu` (flex), `wgpu[:N]`, `cuda[:N]` (the `cuda` feature), `auto` (never a software Vulkan
+//!   adapter); [`device::IntraOp`], the CPU thread pool of one model replica.
 //! - [`vision`]: `score.rs`, `prune.rs`, `extract.rs` (the stages above; extract's tree rule names the most
 //!   specific WordNet concept the calibrated probabilities support), `vocabulary.rs` (names, synonyms, the
 //!   hierarchy, restrictions, shared with the text branch), [`vision::hierarchy`] (the embedded WordNet is-a tree
@@ -104,7 +106,8 @@
 //!   no model; the vocabulary is handed to it.
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
 //!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`); one
-//!   safetensors framing reader ([`model::safetensors`]). **Invariant:** weights are validated tensor by tensor
+//!   safetensors framing reader ([`model::safetensors`]); MobileNetV2's depthwise layer as a host-memory kernel
+//!   for the CPU backend ([`model::depthwise`]). **Invariant:** weights are validated tensor by tensor
 //!   when loaded; a bad file never loads partially.
 //! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline
 //!   (one per device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck,

@@ -216,6 +216,17 @@ fn a_bogus_device_fails_with_a_clear_message() {
     let out = juicer(&["run", SHARDS, "--device", "bogus"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("bogus") && err.contains("expected auto, cpu, wgpu or wgpu:N"), "{err}");
+    assert!(err.contains("bogus") && err.contains("expected auto, cpu, wgpu, wgpu:N, cuda or cuda:N"), "{err}");
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn cuda_without_the_cuda_feature_says_how_to_get_it() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let out = juicer(&["run", SHARDS, "--device", "cuda:0", "--limit", "1"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("cuda:0") && err.contains("--features cuda"), "{err}");
 }

@@ -45,7 +45,7 @@ struct Args {
     /// Seed of the loader, the model initialisation and the FLIP drop.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// cpu, wgpu, wgpu:N or auto.
+    /// cpu, wgpu, wgpu:N, cuda, cuda:N (built with --features cuda) or auto.
     #[arg(long, default_value = "cpu")]
     device: DeviceSpec,
     /// Share of the patches juicer keeps.

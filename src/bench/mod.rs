@@ -152,6 +152,10 @@ pub struct Setup {
     pub workers: usize,
     /// Model micro-batch.
     pub micro_batch: usize,
+    /// Model replicas per model stage (as chosen at build).
+    pub model_workers: usize,
+    /// CPU threads per model replica (as chosen at build; 0: the global pool).
+    pub intra_op_threads: usize,
     /// Shuffle buffer.
     pub shuffle_buffer: usize,
     /// Shards read (all ranks together).
@@ -172,6 +176,8 @@ impl Setup {
             reader_workers: config.reader_workers,
             workers: config.decode_workers,
             micro_batch: config.vision.micro_batch,
+            model_workers: config.vision.model_workers,
+            intra_op_threads: config.vision.intra_op_threads,
             shuffle_buffer: config.shuffle_buffer,
             shards,
         }
@@ -429,13 +435,16 @@ pub fn render(report: &BenchReport) -> String {
     let m = &report.machine;
     let _ = writeln!(
         s,
-        "juicer bench: stages decode..{}, scorer {}, keep {}, batch {}, image {}/{}, {} shard(s), {} core(s) {}/{}",
+        "juicer bench: stages decode..{}, scorer {}, keep {}, batch {}, image {}/{}, model {}×{} thread(s), {} shard(s), \
+         {} core(s) {}/{}",
         set.stages,
         set.scorer,
         set.keep,
         set.batch_size,
         set.image_size,
         set.patch_size,
+        set.model_workers,
+        set.intra_op_threads.max(1),
         set.shards,
         m.cores,
         m.os,

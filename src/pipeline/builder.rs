@@ -74,6 +74,9 @@ impl JuicerBuilder {
         on_error: OnError => on_error);
     verb!(/// Model input side (resize + centre crop).
         image_size: usize => decode.image_size);
+    verb!(/// Decode JPEGs at a reduced DCT scale when the crop allows (default on; see
+        /// [`crate::decode::DecodeConfig::jpeg_draft`]).
+        jpeg_draft: bool => decode.jpeg_draft);
     verb!(/// Patch side in pixels.
         patch_size: usize => patch_size);
     verb!(/// Device for the batches.
@@ -90,10 +93,18 @@ impl JuicerBuilder {
         top_k: usize => vision.top_k);
     verb!(/// Minimum class probability of the flat rule.
         min_prob: f32 => vision.min_prob);
-    verb!(/// Items per model micro-batch.
+    verb!(/// Items per model micro-batch (0: 4 on the CPU, 16 on a GPU).
         micro_batch: usize => vision.micro_batch);
-    verb!(/// Model threads (model replicas) per model stage.
+    verb!(/// Model threads (model replicas) per model stage (0: chosen from the device and the cores).
         model_workers: usize => vision.model_workers);
+    /// Runs the `cam` scorer on a `side`×`side` downscale of each decoded image (see
+    /// [`crate::vision::VisionConfig::score_size`]).
+    pub fn score_size(mut self, side: usize) -> Self {
+        self.config.vision.score_size = Some(side);
+        self
+    }
+    verb!(/// CPU threads per model replica (0: the cores shared out among the replicas).
+        intra_op_threads: usize => vision.intra_op_threads);
     verb!(/// Caption template with `{caption}` and `{classes}`.
         template: String => text.template);
     verb!(/// Probability of training on the enriched caption rather than the original.
@@ -227,9 +238,16 @@ impl JuicerBuilder {
             format!("{:016x}", shards.iter().fold(hash_str(""), |h, s| derive(h, &[hash_str(&s.name())])));
         let device = self.config.device.resolve()?;
         let mut config = self.config;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         if config.vision.model_workers == 0 {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
             config.vision.model_workers = crate::vision::auto_model_workers(&device, cores);
+        }
+        if config.vision.micro_batch == 0 {
+            config.vision.micro_batch = crate::vision::auto_micro_batch(&device);
+        }
+        if config.vision.intra_op_threads == 0 {
+            config.vision.intra_op_threads =
+                crate::device::auto_intra_op_threads(&device, cores, config.vision.model_workers);
         }
         let models = Models::load(&mut config, &device)?;
         Ok(Juicer {

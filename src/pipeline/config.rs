@@ -161,6 +161,14 @@ impl Config {
         if self.folder_shard_size == 0 {
             p.push("folder_shard_size must be at least 1".into());
         }
+        if let Some(s) = self.vision.score_size {
+            if !(32..=self.decode.image_size).contains(&s) {
+                p.push(format!("score_size {s} must be between 32 and image_size {}", self.decode.image_size));
+            }
+            if self.vision.scorer != crate::vision::ScorerSpec::Cam {
+                p.push(format!("score_size applies to the cam scorer, not `{}`", self.vision.scorer.name()));
+            }
+        }
         if let Some((a, b)) = self.range
             && a > b
         {

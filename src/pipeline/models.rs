@@ -40,7 +40,8 @@ impl Models {
     /// preprocessing (ViT mean/std and input size, patch size).
     pub(crate) fn load(config: &mut Config, device: &Device) -> Result<Self> {
         let v = &config.vision;
-        let classifier = Classifier::load(v.classifier_weights.as_deref(), device)?;
+        let classifier =
+            Classifier::load(v.classifier_weights.as_deref(), device)?.with_intra_op_threads(v.intra_op_threads);
         let mut vocabulary = Vocabulary::imagenet()?;
         if let Some(path) = &v.vocabulary {
             vocabulary = vocabulary.restrict_with(path)?;
@@ -93,7 +94,7 @@ fn cache_namespace(config: &Config) -> Result<String> {
     let d = &config.decode;
     Ok(format!(
         "juicer score cache v2; scorer={}; weights={weights:016x}; image_size={}; resize_size={:?}; mean={:?}; \
-         std={:?}; patch={}; cam_top={}; candidates={}",
+         std={:?}; patch={}; cam_top={}; candidates={}; score_size={:?}",
         v.scorer.name(),
         d.image_size,
         d.resize_size,
@@ -101,6 +102,7 @@ fn cache_namespace(config: &Config) -> Result<String> {
         d.std,
         config.patch_size,
         v.cam_top,
-        v.extract.candidates(v.top_k)
+        v.extract.candidates(v.top_k),
+        v.score_size
     ))
 }

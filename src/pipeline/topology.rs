@@ -23,6 +23,7 @@ use super::config::LastStage;
 use super::models::Models;
 use super::sink::{BatchSink, Output};
 use crate::decode::{DecodeStage, Decoder, grid};
+use crate::device::IntraOp;
 use crate::error::{Error, Result, SampleError};
 use crate::graph::{Envelope, Graph, Inlet, Run};
 use crate::plan::{LoaderState, Trace};
@@ -176,12 +177,20 @@ fn score(graph: &mut Graph, decoded: Edge<Decoded>, cfg: &Config, m: &Models, de
     match &v.scorer {
         ScorerSpec::Cam => {
             let top_k = v.extract.candidates(v.top_k);
-            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k };
+            let score_size = v.score_size.unwrap_or(cfg.decode.image_size);
+            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k, score_size };
             model_scorer(graph, decoded, stage, cache, patch, v)
         }
         ScorerSpec::Attention(_) => {
             let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
-            model_scorer(graph, decoded, AttentionScorer { vit, device: device.clone() }, cache, patch, v)
+            model_scorer(
+                graph,
+                decoded,
+                AttentionScorer { vit, device: device.clone(), threads: IntraOp::new(v.intra_op_threads) },
+                cache,
+                patch,
+                v,
+            )
         }
         ScorerSpec::Random => {
             graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch }), cfg.decode_workers)

@@ -1,6 +1,7 @@
 //! Class activation maps (Zhou et al. 2016) on the host: the classifier's weights for a class, dotted with the
 //! last feature map, give a map of where that class's evidence sits. The maths is tiny next to the backbone
-//! (`n_classes × 1280 × 49` multiply-adds per image), so it runs on the CPU after the device forward.
+//! (`n_classes × 1280 × 49` multiply-adds per image), so it runs on the CPU after the device forward. The scorer's
+//! smaller input (`--score-size`) is made here too ([`downscale_planes`]).
 
 /// Numerically stable softmax.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -31,6 +32,54 @@ pub fn class_map(features: &[f32], weight_row: &[f32]) -> Vec<f32> {
     out
 }
 
+/// Downscales a square `[channels, size, size]` image (row-major planes) to `[channels, to, to]` with Pillow's
+/// antialiased bilinear filter (a triangle whose support grows with the scale factor, as the decoder's resize),
+/// separably: rows, then columns. `to >= size` returns the input unchanged.
+pub fn downscale_planes(pixels: &[f32], channels: usize, size: usize, to: usize) -> Vec<f32> {
+    if to >= size || to == 0 {
+        return pixels.to_vec();
+    }
+    let taps = triangle_taps(size, to);
+    let mut rows = vec![0f32; channels * size * to]; // [c, size, to]
+    for (plane, out) in pixels.chunks_exact(size * size).zip(rows.chunks_exact_mut(size * to)) {
+        for (src, dst) in plane.chunks_exact(size).zip(out.chunks_exact_mut(to)) {
+            for (d, (start, w)) in dst.iter_mut().zip(&taps) {
+                *d = w.iter().zip(&src[*start..]).map(|(w, s)| w * s).sum();
+            }
+        }
+    }
+    let mut out = vec![0f32; channels * to * to];
+    for (plane, dst) in rows.chunks_exact(size * to).zip(out.chunks_exact_mut(to * to)) {
+        for (y, (start, w)) in taps.iter().enumerate() {
+            let row = &mut dst[y * to..(y + 1) * to];
+            for (k, &wk) in w.iter().enumerate() {
+                let src = &plane[(start + k) * to..(start + k + 1) * to];
+                for (d, &s) in row.iter_mut().zip(src) {
+                    *d += wk * s;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Per output index: the first input index and the normalised triangle weights (Pillow's `BILINEAR` with
+/// antialiasing: support `max(1, in / out)`, centred at `(o + 0.5) · in / out`).
+fn triangle_taps(input: usize, output: usize) -> Vec<(usize, Vec<f32>)> {
+    let scale = input as f64 / output as f64;
+    let support = scale.max(1.0);
+    (0..output)
+        .map(|o| {
+            let centre = (o as f64 + 0.5) * scale;
+            let lo = ((centre - support).floor().max(0.0)) as usize;
+            let hi = ((centre + support).ceil() as usize).min(input);
+            let w: Vec<f64> = (lo..hi).map(|i| (1.0 - ((i as f64 + 0.5 - centre) / support).abs()).max(0.0)).collect();
+            let total: f64 = w.iter().sum();
+            (lo, w.into_iter().map(|x| (x / total.max(f64::MIN_POSITIVE)) as f32).collect())
+        })
+        .collect()
+}
+
 /// Bilinear resampling of a row-major `src` map of `(h, w)` to `(oh, ow)` with PyTorch's
 /// `interpolate(mode="bilinear", align_corners=False)` sampling (no antialiasing).
 pub fn resample_bilinear(src: &[f32], (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Vec<f32> {
@@ -57,6 +106,25 @@ pub fn resample_bilinear(src: &[f32], (h, w): (usize, usize), (oh, ow): (usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn downscale_planes_keeps_constants_and_linear_ramps() {
+        let (c, size, to) = (3, 224, 160);
+        let constant = vec![0.7f32; c * size * size];
+        let out = downscale_planes(&constant, c, size, to);
+        assert_eq!(out.len(), c * to * to);
+        assert!(out.iter().all(|&v| (v - 0.7).abs() < 1e-5));
+        // A ramp in x, away from the borders: the triangle filter follows it, sampled at the output centres (to
+        // within the discrete filter's centroid error, a few hundredths of an input pixel).
+        let ramp: Vec<f32> = (0..c * size * size).map(|i| (i % size) as f32).collect();
+        let out = downscale_planes(&ramp, c, size, to);
+        let scale = size as f32 / to as f32;
+        for x in 4..to - 4 {
+            let want = (x as f32 + 0.5) * scale - 0.5;
+            assert!((out[7 * to + x] - want).abs() < 0.1, "x {x}: {} vs {want}", out[7 * to + x]);
+        }
+        assert_eq!(downscale_planes(&ramp, c, size, size), ramp, "no downscale: unchanged");
+    }
 
     #[test]
     fn softmax_and_top_k() {

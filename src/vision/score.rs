@@ -21,6 +21,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::cam;
 use crate::decode::grid;
+use crate::device::IntraOp;
 use crate::error::{DropReason, Error, Result, SampleError};
 use crate::model::mobilenet_v2::{self, MobileNetV2};
 use crate::model::vit::ViT;
@@ -79,6 +80,7 @@ pub struct Classifier {
     weight: Arc<Vec<f32>>,
     device: Device,
     forwards: Arc<AtomicU64>,
+    threads: IntraOp,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -113,7 +115,20 @@ impl Classifier {
             .into_data()
             .try_to_vec::<f32>()
             .map_err(|e| Error::Weights { file: "classifier.1.weight".into(), detail: format!("{e:?}") })?;
-        Ok(Self { model, weight: Arc::new(weight), device: device.clone(), forwards: Arc::new(AtomicU64::new(0)) })
+        Ok(Self {
+            model,
+            weight: Arc::new(weight),
+            device: device.clone(),
+            forwards: Arc::new(AtomicU64::new(0)),
+            threads: IntraOp::default(),
+        })
+    }
+
+    /// Runs each clone's forwards on a CPU thread pool of its own with `n` threads (0: the global pool); see
+    /// [`IntraOp`].
+    pub fn with_intra_op_threads(mut self, n: usize) -> Self {
+        self.threads = IntraOp::new(n);
+        self
     }
 
     /// Images forwarded through the backbone so far (all clones share the counter).
@@ -132,7 +147,7 @@ impl Classifier {
     ) -> std::result::Result<Vec<Classified>, String> {
         let n = images.len();
         let x = stack_images(images.iter().copied(), size, &self.device);
-        let (features, logits) = self.model.forward(x);
+        let (features, logits) = self.threads.install(|| self.model.forward(x));
         self.forwards.fetch_add(n as u64, Ordering::Relaxed);
         let [_, channels, fh, fw] = features.dims();
         let f = features.into_data().try_to_vec::<f32>().map_err(|e| format!("reading features: {e:?}"))?;
@@ -175,6 +190,9 @@ pub struct CamScorer {
     pub cam_top: usize,
     /// Candidates (classes with maps) handed to extract.
     pub top_k: usize,
+    /// Side of the model input: images larger than this are downscaled for the scorer
+    /// ([`super::VisionConfig::score_size`]); the patch grid stays the decoded image's.
+    pub score_size: usize,
 }
 
 impl BatchStage for CamScorer {
@@ -184,8 +202,17 @@ impl BatchStage for CamScorer {
     fn process_batch(&mut self, items: Vec<Decoded>) -> Vec<std::result::Result<Scored, SampleError>> {
         let Some(size) = items.first().map(|d| d.size) else { return Vec::new() };
         let g = grid(size, self.patch);
-        let images: Vec<&[f32]> = items.iter().map(|d| d.pixels.as_slice()).collect();
-        let classified = match self.classifier.classify(&images, size, g, self.cam_top.max(self.top_k)) {
+        let n_top = self.cam_top.max(self.top_k);
+        let classified = if self.score_size > 0 && self.score_size < size {
+            let small: Vec<Vec<f32>> =
+                items.iter().map(|d| cam::downscale_planes(&d.pixels, 3, size, self.score_size)).collect();
+            let images: Vec<&[f32]> = small.iter().map(Vec::as_slice).collect();
+            self.classifier.classify(&images, self.score_size, g, n_top)
+        } else {
+            let images: Vec<&[f32]> = items.iter().map(|d| d.pixels.as_slice()).collect();
+            self.classifier.classify(&images, size, g, n_top)
+        };
+        let classified = match classified {
             Ok(c) => c,
             Err(e) => return failed_all(items.into_iter().map(|d| d.key), &e),
         };
@@ -213,6 +240,8 @@ pub struct AttentionScorer {
     pub vit: ViT,
     /// Device of the ViT.
     pub device: Device,
+    /// CPU threads of this replica.
+    pub threads: IntraOp,
 }
 
 impl BatchStage for AttentionScorer {
@@ -224,7 +253,7 @@ impl BatchStage for AttentionScorer {
         let patch = self.vit.config().patch_size;
         let g = grid(size, patch);
         let x = stack_images(items.iter().map(|d| d.pixels.as_slice()), size, &self.device);
-        let logits = match self.vit.cls_patch_logits(x).into_data().try_to_vec::<f32>() {
+        let logits = match self.threads.install(|| self.vit.cls_patch_logits(x)).into_data().try_to_vec::<f32>() {
             Ok(l) => l,
             Err(e) => return failed_all(items.into_iter().map(|d| d.key), &format!("reading ViT logits: {e:?}")),
         };
