@@ -235,7 +235,7 @@ impl Decoder {
 
     /// Decodes `bytes` for the crop: the RGB image (at a reduced scale when [`DecodeConfig::jpeg_draft`] allows),
     /// the full-resolution size, and the crop's source box in the decoded image's pixels.
-    fn decode_for_crop(&self, bytes: &[u8], ext_hint: &str) -> Result<(RgbImage, (u32, u32), [f64; 4]), String> {
+    fn decode_for_crop(&self, bytes: &[u8], ext_hint: &str) -> Result<ForCrop, String> {
         let s = self.cfg.image_size as f64;
         let draft = |w: u32, h: u32| {
             let [_, _, bw, bh] = self.geometry(w, h).src_box;
@@ -287,14 +287,10 @@ impl Decoder {
     /// (`[3, S, S]` for the output of [`Decoder::resize_crop_rgb8`]).
     pub fn normalise(&self, crop: &RgbImage) -> Vec<f32> {
         let n = crop.width() as usize * crop.height() as usize;
-        let mut out = vec![0.0f32; 3 * n];
-        let (r, rest) = out.split_at_mut(n);
-        let (g, b) = rest.split_at_mut(n);
-        let [lr, lg, lb] = &*self.lut;
-        for (i, px) in crop.as_raw().chunks_exact(3).enumerate() {
-            r[i] = lr[usize::from(px[0])];
-            g[i] = lg[usize::from(px[1])];
-            b[i] = lb[usize::from(px[2])];
+        // One pass per channel, appending: no zero-filled buffer to overwrite (the crop is in cache).
+        let mut out = Vec::with_capacity(3 * n);
+        for (c, lut) in self.lut.iter().enumerate() {
+            out.extend(crop.as_raw().chunks_exact(3).map(|px| lut[usize::from(px[c])]));
         }
         out
     }
@@ -329,6 +325,12 @@ pub fn jpeg_has_eoi(bytes: &[u8]) -> bool {
     bytes[..end].ends_with(&[0xFF, 0xD9])
 }
 
+/// A decoded RGB8 image, the image's full-resolution size, and the numerator (of 8) of the scale it was decoded at.
+type Decoded8 = (RgbImage, (u32, u32), u8);
+
+/// A decoded RGB8 image, the image's full-resolution size, and the crop's source box in the decoded pixels.
+type ForCrop = (RgbImage, (u32, u32), [f64; 4]);
+
 /// The libjpeg scale numerator (of 8) for a crop whose source box is `bw`×`bh` pixels and whose output is `s`
 /// pixels across: the smallest of 1/8, 1/4, 1/2 that keeps the box at least `s` pixels on both axes (so the
 /// resize stays a downscale), else 8 (full resolution). Pillow's `Image.draft` chooses the same way.
@@ -339,8 +341,8 @@ pub fn draft_numerator(bw: f64, bh: f64, s: f64) -> u8 {
 /// Decodes a JPEG with libjpeg-turbo at the scale `numerator(width, height)` / 8 chooses (8: full resolution);
 /// returns the image, the full-resolution size and the numerator used. libjpeg reports a fatal error by
 /// unwinding (the `mozjpeg` crate's contract); it is caught here and returned as its message.
-fn decode_jpeg(bytes: &[u8], numerator: impl FnOnce(u32, u32) -> u8) -> Result<(RgbImage, (u32, u32), u8), String> {
-    let run = || -> std::io::Result<Result<(RgbImage, (u32, u32), u8), String>> {
+fn decode_jpeg(bytes: &[u8], numerator: impl FnOnce(u32, u32) -> u8) -> Result<Decoded8, String> {
+    let run = || -> std::io::Result<Result<Decoded8, String>> {
         let mut d = mozjpeg::Decompress::new_mem(bytes)?;
         let (w, h) = (d.width() as u32, d.height() as u32);
         if w == 0 || h == 0 {
@@ -383,11 +385,7 @@ fn decode_webp(bytes: &[u8]) -> Option<RgbImage> {
 /// Decodes `bytes` to RGB8; a JPEG at the scale `numerator` chooses ([`decode_jpeg`]), a WebP with libwebp
 /// ([`decode_webp`]), anything else (and what those two decline, such as a CMYK JPEG) with the `image` crate at
 /// full resolution. Returns the image, the full-resolution size and the numerator (of 8) it was decoded at.
-fn decode_rgb8_inner(
-    bytes: &[u8],
-    ext_hint: &str,
-    numerator: impl FnOnce(u32, u32) -> u8,
-) -> Result<(RgbImage, (u32, u32), u8), String> {
+fn decode_rgb8_inner(bytes: &[u8], ext_hint: &str, numerator: impl FnOnce(u32, u32) -> u8) -> Result<Decoded8, String> {
     if bytes.is_empty() {
         return Err("empty image data".to_string());
     }
@@ -445,20 +443,42 @@ pub fn patchify(pixels: &[f32], size: usize, patch: usize, keep: &[u32]) -> Vec<
     assert_eq!(pixels.len(), 3 * size * size, "patchify: pixels must be [3, {size}, {size}]");
     assert!(patch > 0, "patchify: patch size must be > 0");
     let (rows, cols) = grid(size, patch);
-    let plane = size * size;
     let mut out = Vec::with_capacity(keep.len() * 3 * patch * patch);
     for &k in keep {
         let k = k as usize;
         assert!(k < rows * cols, "patchify: patch index {k} outside the {rows}x{cols} grid");
-        let (r, c) = (k / cols, k % cols);
-        for ch in 0..3 {
-            for py in 0..patch {
-                let start = ch * plane + (r * patch + py) * size + c * patch;
-                out.extend_from_slice(&pixels[start..start + patch]);
+        // The row copies of the usual patch sides have a length known at compile time: inlined vector moves
+        // instead of one `memcpy` call per 16-value row (9,408 of them per 224-px image).
+        match patch {
+            14 => patch_rows::<14>(pixels, size, k / cols, k % cols, &mut out),
+            16 => patch_rows::<16>(pixels, size, k / cols, k % cols, &mut out),
+            32 => patch_rows::<32>(pixels, size, k / cols, k % cols, &mut out),
+            _ => {
+                for ch in 0..3 {
+                    for py in 0..patch {
+                        let start = ch * size * size + ((k / cols) * patch + py) * size + (k % cols) * patch;
+                        out.extend_from_slice(&pixels[start..start + patch]);
+                    }
+                }
             }
         }
     }
     out
+}
+
+/// Appends patch (`r`, `c`) of side `P` of a `[3, size, size]` image to `out`, channel by channel, row by row.
+#[inline(always)]
+fn patch_rows<const P: usize>(pixels: &[f32], size: usize, r: usize, c: usize, out: &mut Vec<f32>) {
+    for ch in 0..3 {
+        for py in 0..P {
+            let start = ch * size * size + (r * P + py) * size + c * P;
+            let row: &[f32; P] = match pixels[start..start + P].try_into() {
+                Ok(row) => row,
+                Err(_) => unreachable!("a slice of length P"),
+            };
+            out.extend_from_slice(row);
+        }
+    }
 }
 
 /// Inverse of [`patchify`]: writes the kept patches `[K, 3·P·P]` back into a `[3, S, S]` image whose other
