@@ -140,6 +140,10 @@ def main():
     ap.add_argument("--cam-batch", type=int, default=16)
     ap.add_argument("--cam-images", type=int, default=None, help="images timed per CAM run (default 128, quick 64)")
     ap.add_argument("--captions", type=int, default=None, help="captions per tokenise run (default 20000, quick 5000)")
+    ap.add_argument("--photos", type=int, default=None, help="640x480 photo crops for the graph rows (default 500, quick 200)")
+    ap.add_argument("--graph-workers", type=int, default=1,
+                    help="DataLoader workers of the Python graph peer (default 1: with N torch threads in the main "
+                    "process it measured faster on 2 cores than N workers)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds allowed for one run")
     ap.add_argument(
         "--omp-wait-policy", default="PASSIVE",
@@ -151,6 +155,7 @@ def main():
     synthetic = args.synthetic or (256 if args.quick else 1024)
     cam_images = args.cam_images or (64 if args.quick else 128)
     n_captions = args.captions or (5000 if args.quick else 20000)
+    n_photos = args.photos or (200 if args.quick else 500)
     batch, warmup = 32, 32
     py = [args.python, os.path.join(HERE, "peers.py")]
     weights = os.path.join(ROOT, "fixtures/mobilenet_v2/mobilenet_v2.safetensors")
@@ -188,15 +193,20 @@ def main():
     # The 3 fixture shards (25 + 25 + 23 WebP photos, ~1024 px) listed 4 times: 292 samples, enough for a window
     # after the warm-up, and 6 shards of 146 samples per DataLoader worker with 2 workers.
     fixture_shards = [os.path.join(ROOT, f"fixtures/shards/gcompris-{i:06d}.tar") for i in range(3)] * 4
+    # Real photo content at a camera-like size: JPEG crops (640x480, quality 90) of the fixture photos.
+    photo_dir = os.path.join(args.work, f"photos-640x480-n{n_photos}")
+    photo_shards = run_json([*py, "photos", "--fixtures", os.path.join(ROOT, "fixtures/gcompris"), "--out", photo_dir,
+                             "--count", str(n_photos)], env_n, args.timeout)["shards"]
 
-    def juicer_decode(shards):
+    def juicer_bench(shards, extra):
+        """`juicer bench SHARDS --device cpu --warmup 32 --json F` plus `extra`; the first pipeline's rate and CPU."""
         def go():
             with tempfile.NamedTemporaryFile(suffix=".json", dir=args.work, delete=False) as tmp:
                 path = tmp.name
             try:
                 subprocess.run(
-                    [args.juicer, "bench", *shards, "--stages", "decode", "--scorer", "none", "--device", "cpu",
-                     "--workers", str(n_cores), "--batch-size", str(batch), "--warmup", str(warmup), "--json", path],
+                    [args.juicer, "bench", *shards, "--device", "cpu", "--batch-size", str(batch), "--warmup",
+                     str(warmup), "--json", path, *extra],
                     cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env_n}, timeout=args.timeout,
                     check=True,
                 )
@@ -211,15 +221,33 @@ def main():
 
         return go
 
+    def juicer_decode(shards, *extra):
+        return juicer_bench(shards, ["--stages", "decode", "--scorer", "none", "--workers", str(n_cores), *extra])
+
     def python_decode(shards):
         return lambda: run_json(
             [*py, "decode", "--shards", *shards, "--workers", str(n_cores), "--batch-size", str(batch),
              "--warmup", str(warmup)], env_n, args.timeout)
 
+    graph_python = lambda: run_json(  # noqa: E731
+        [*py, "graph", "--shards", *photo_shards, "--weights", weights, "--workers", str(args.graph_workers),
+         "--threads", str(n_cores), "--batch-size", str(batch), "--warmup", str(warmup)], env_n, args.timeout)
     comps = [
+        Comparison(
+            "graph", f"whole graph (juicer defaults) vs decode + CAM, photo crops 640x480 ({n_photos}), batch {batch}",
+            "img/s", juicer_bench(photo_shards, []), graph_python),
         Comparison(
             "decode", f"decode→patchify, synthetic JPEG 640x480 ({synthetic}), batch {batch}, {n_cores} workers",
             "img/s", juicer_decode(syn_shards), python_decode(syn_shards)),
+        Comparison(
+            "decode_full", f"  the same, JPEG decoded at full resolution (--full-res-jpeg)",
+            "img/s", juicer_decode(syn_shards, "--full-res-jpeg"), python_decode(syn_shards)),
+        Comparison(
+            "decode_photos", f"decode→patchify, photo crops 640x480 ({n_photos}), batch {batch}, {n_cores} workers",
+            "img/s", juicer_decode(photo_shards), python_decode(photo_shards)),
+        Comparison(
+            "decode_photos_full", f"  the same, JPEG decoded at full resolution (--full-res-jpeg)",
+            "img/s", juicer_decode(photo_shards, "--full-res-jpeg"), python_decode(photo_shards)),
     ]
     if not args.quick:
         comps.append(Comparison(
@@ -255,7 +283,7 @@ def main():
     tok = next(c for c in comps if c.key == "tokenize")
     checks["tokenize"] = token_check(tok.last["juicer"], tok.last["python"])
     for c in comps:
-        if c.key.startswith("decode"):
+        if c.key.startswith("decode") or c.key == "graph":
             checks[c.key] = {"juicer_samples": c.last["juicer"]["items"], "python_samples": c.last["python"]["items"]}
 
     versions = json.loads(subprocess.run([*py, "versions"], capture_output=True, text=True, check=True).stdout)
@@ -279,7 +307,10 @@ def main():
         "versions": versions,
         "settings": {
             "decode": {"batch_size": batch, "warmup_samples": warmup, "workers": n_cores, "synthetic": synthetic,
-                       "synthetic_size": "640x480", "image_size": 224, "patch_size": 16},
+                       "synthetic_size": "640x480", "photos": n_photos, "image_size": 224, "patch_size": 16},
+            "graph": {"photos": n_photos, "batch_size": batch, "warmup_samples": warmup,
+                      "juicer": "juicer bench defaults on --device cpu (model workers and threads chosen at build)",
+                      "python_workers": args.graph_workers, "python_threads": n_cores},
             "cam": {"batch": args.cam_batch, "images_timed": cam_images, "threads": n_cores, "cam_top": 5, "top_k": 3,
                     "inputs": cam_meta["images"]},
             "tokenize": {"captions": n_captions, "distinct": checks["tokenize"]["captions"], "threads": 1},
@@ -300,7 +331,8 @@ def main():
     print(f"juicer vs Python peers: {args.rounds} round(s), alternating sides, same inputs, {n_cores} core(s)")
     print(f"machine: {machine['cpu']}, {n_cores} core(s), {machine['os']} {machine['arch']}; "
           f"load average {fmt_load(load_start)} at start, {fmt_load(load_end)} at end")
-    print(f"threads: decode {n_cores} workers per side; cam {n_cores} intra-op threads per side (RAYON_NUM_THREADS, "
+    print(f"threads: graph: juicer's defaults vs {args.graph_workers} DataLoader worker(s) + {n_cores} torch threads; "
+          f"decode {n_cores} workers per side; cam {n_cores} intra-op threads per side (RAYON_NUM_THREADS, "
           f"torch.set_num_threads); tokenize 1 thread per side; OMP_WAIT_POLICY="
           f"{env_n.get('OMP_WAIT_POLICY', '(unset)')}")
     print()
@@ -321,7 +353,7 @@ def main():
           f"max |Δp| {cc['max_abs_dprob']:.1e}, max saliency Δ {cc['max_rel_dsaliency']:.1e} (of its max); "
           f"token rows identical {tc['identical_rows']}/{tc['captions']}")
     for c in summaries:
-        if c["key"].startswith("decode"):
+        if c["key"].startswith("decode") or c["key"] == "graph":
             d = checks[c["key"]]
             print(f"          {c['key']}: samples in the window juicer {d['juicer_samples']}, python {d['python_samples']}")
     v = versions
@@ -331,8 +363,10 @@ def main():
     print(f"  report: {os.path.relpath(out, os.getcwd())}  ({report['seconds']:.0f} s)")
     headline = {s["key"]: s["ratio"] for s in summaries}
     print()
-    print("RATIOS (juicer/python throughput, medians of {} rounds): decode {:.2f}x  cam {:.2f}x  tokenize {:.2f}x".format(
-        args.rounds, headline["decode"], headline["cam"], headline["tokenize"]))
+    print("RATIOS (juicer/python throughput, medians of {} rounds): graph {:.2f}x  decode {:.2f}x (full-res JPEG "
+          "{:.2f}x)  cam {:.2f}x  tokenize {:.2f}x".format(args.rounds, headline["graph"], headline["decode"],
+                                                           headline["decode_full"], headline["cam"],
+                                                           headline["tokenize"]))
 
 
 def fmt_load(l):

@@ -228,6 +228,106 @@ def cmd_cam(args):
     )
 
 
+def cmd_photos(args):
+    """Writes WebDataset shards of `count` JPEG crops (`size`, quality 90) of the fixture photos, deterministic.
+
+    Each sample is one fixture photo (cycled), scaled so that the crop shows between all of its width or height and
+    `scale_min` of it, then cropped at a drawn offset: real photo content at a camera-like size, unlike the synthetic
+    shards.
+    """
+    import io
+    import random
+    import tarfile
+
+    from PIL import Image
+
+    w, h = (int(v) for v in args.size.split("x"))
+    with open(os.path.join(args.fixtures, "pairs.jsonl"), encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f if line.strip()]
+    rng = random.Random(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    shards, per = [], args.per_shard
+    for s in range(-(-args.count // per)):
+        name = f"photos-{s:06d}.tar"
+        path = os.path.join(args.out, name)
+        with tarfile.open(path + ".partial", "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(s * per, min(args.count, (s + 1) * per)):
+                pair = pairs[i % len(pairs)]
+                im = Image.open(os.path.join(args.fixtures, pair["image"])).convert("RGB")
+                cover = max(w / im.width, h / im.height)
+                scale = cover / rng.uniform(args.scale_min, 1.0)  # from the whole photo's width or height to 1/0.7 zoom
+                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
+                x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
+                buf = io.BytesIO()
+                im.crop((x, y, x + w, y + h)).save(buf, "JPEG", quality=90)
+                for ext, data in (("jpg", buf.getvalue()), ("txt", pair["caption"].encode("utf-8"))):
+                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+        os.replace(path + ".partial", path)
+        shards.append(path)
+    print(json.dumps({"shards": shards, "count": args.count, "size": args.size}))
+
+
+def cmd_graph(args):
+    """The Python peer of juicer's whole graph: webdataset + PIL decode and transforms in DataLoader workers, then
+    torchvision MobileNetV2 CAM saliency and top-3 classes per batch in the main process (the `cam` maths)."""
+    import torch
+    import torch.nn.functional as F
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(args.threads)
+    model = load_mobilenet(args.weights)
+    weight = model.classifier[1].weight.detach()
+    cam_top, top_k, grid = 5, 3, (14, 14)
+    dataset = (
+        wds.WebDataset(args.shards, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg;jpeg;png;webp", "txt")
+        .map_tuple(Prepare(), _identity)
+    )
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    started = time.perf_counter()
+    emitted = samples = batches = 0
+    t0 = last = None
+    it = iter(loader)
+    workers = [w.pid for w in getattr(it, "_workers", [])]
+    cpu0 = cpu1 = None
+    with torch.inference_mode():
+        for patches, _captions in it:
+            b = patches.shape[0]
+            # patches [B, 196, 768] back to images [B, 3, 224, 224] (the loader hands out patches, as juicer does).
+            x = patches.reshape(b, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 224, 224)
+            features = model.features(x)
+            logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1))
+            p, idx = logits.softmax(dim=1).topk(max(cam_top, top_k), dim=1)
+            maps = F.interpolate(torch.einsum("bkc,bchw->bkhw", weight[idx], features), size=grid, mode="bilinear",
+                                 align_corners=False)
+            saliency = (p[:, :cam_top, None, None] * maps[:, :cam_top]).sum(dim=1).flatten(1)
+            keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices  # the kept half, as juicer's default ratio
+            _kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[2]))
+            now = time.perf_counter()
+            emitted += b
+            if t0 is None:
+                if emitted >= args.warmup:
+                    t0 = last = now
+                    cpu0 = cpu1 = cpu_with_workers(workers)
+                continue
+            samples += b
+            batches += 1
+            last = now
+            cpu1 = cpu_with_workers(workers)
+    if t0 is None or samples == 0:
+        sys.exit(f"graph: the data ended after {emitted} samples, before the warm-up of {args.warmup} was done")
+    seconds = last - t0
+    print(json.dumps({
+        "side": "python", "task": "graph", "items": samples, "batches": batches, "seconds": seconds,
+        "per_s": samples / seconds, "cpu_seconds": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        "warmup_seconds": t0 - started, "workers": args.workers, "threads": torch.get_num_threads(),
+    }))
+
+
 def cmd_tokenize(args):
     import open_clip
     import torch
@@ -273,12 +373,30 @@ def main():
     c.add_argument("--batch", type=int, default=16)
     c.add_argument("--images", type=int, default=128)
     c.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ph = sub.add_parser("photos")
+    ph.add_argument("--fixtures", required=True)
+    ph.add_argument("--out", required=True)
+    ph.add_argument("--count", type=int, default=500)
+    ph.add_argument("--per-shard", type=int, default=100)
+    ph.add_argument("--size", default="640x480")
+    ph.add_argument("--scale-min", type=float, default=0.7)
+    ph.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("graph")
+    g.add_argument("--shards", nargs="+", required=True)
+    g.add_argument("--weights", required=True)
+    g.add_argument("--workers", type=int, default=1)
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--warmup", type=int, default=32)
     t = sub.add_parser("tokenize")
     t.add_argument("--captions", required=True)
     t.add_argument("--count", type=int, default=20000)
     sub.add_parser("versions")
     args = ap.parse_args()
-    {"decode": cmd_decode, "cam": cmd_cam, "tokenize": cmd_tokenize, "versions": cmd_versions}[args.cmd](args)
+    {
+        "decode": cmd_decode, "cam": cmd_cam, "tokenize": cmd_tokenize, "photos": cmd_photos, "graph": cmd_graph,
+        "versions": cmd_versions,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@
 #      (default target/peers/results.json).
 #
 # The comparisons (details in benches/peers/README.md):
+#   graph     the whole juicing graph with juicer's defaults (`juicer bench PHOTOS --device cpu`) vs the Python
+#             peer that decodes (webdataset + PIL + torchvision transforms in a DataLoader) and computes the
+#             MobileNetV2 CAM saliency and top classes per batch, on 500 640x480 JPEG crops of the fixture photos.
 #   decode    decode → resize 224 (bilinear, antialias) → centre crop → normalise → patchify [196, 768], batch 32:
 #             `juicer bench --stages decode --scorer none` vs webdataset + PIL + torchvision transforms + torch
 #             DataLoader, on the same synthetic JPEG shards (640x480, made by `juicer bench --synthetic`) and,
-#             unless --quick, on the fixture shards (73 WebP photos). samples/s after a 32-sample warm-up.
+#             unless --quick, on the fixture shards (73 WebP photos); on the synthetic shards and the photo
+#             crops also with --full-res-jpeg (no reduced-scale JPEG decoding). samples/s after a 32-sample warm-up.
 #   cam       MobileNetV2 forward + class activation maps of the top classes on the 14x14 grid + top-3 classes,
 #             on the CPU, batch 16, on the same decoded fixture photos: juicer's CamScorer
 #             (examples/peer_bench.rs) vs torchvision mobilenet_v2 with the same weights. images/s, scoring only.
