@@ -114,9 +114,10 @@ struct Scratch {
     acc: Vec<f32>,
 }
 
+/// ReLU6; NaN stays NaN, as in burn's and PyTorch's.
 #[inline(always)]
 fn relu6(x: f32) -> f32 {
-    x.max(0.0).min(6.0)
+    x.clamp(0.0, 6.0)
 }
 
 /// Makes `s.padded` `len` zeros for an `h`×`w` plane, unless it already holds the padded plane of that shape:
