@@ -99,63 +99,79 @@ def cpu_with_workers(pids):
     return total
 
 
-def cmd_decode(args):
+class Window:
+    """The timed window of a loader run: it opens at the batch that brings the count to `warmup` samples and
+    closes at the last batch; CPU time counts this process and the DataLoader workers `pids`."""
+
+    def __init__(self, warmup, pids):
+        self.warmup, self.pids = warmup, pids
+        self.started = time.perf_counter()
+        self.emitted = self.samples = self.batches = 0
+        self.t0 = self.last = self.cpu0 = self.cpu1 = None
+
+    def batch(self, n):
+        now = time.perf_counter()
+        self.emitted += n
+        if self.t0 is None:
+            if self.emitted >= self.warmup:
+                self.t0 = self.last = now
+                self.cpu0 = self.cpu1 = cpu_with_workers(self.pids)
+            return
+        self.samples += n
+        self.batches += 1
+        self.last = now
+        self.cpu1 = cpu_with_workers(self.pids)
+
+    def report(self, task, **extra):
+        if self.t0 is None or self.samples == 0:
+            sys.exit(f"{task}: the data ended after {self.emitted} samples, before the warm-up of {self.warmup} was done")
+        seconds = self.last - self.t0
+        cpu = None if self.cpu0 is None or self.cpu1 is None else self.cpu1 - self.cpu0
+        return {"side": "python", "task": task, "items": self.samples, "batches": self.batches, "seconds": seconds,
+                "per_s": self.samples / seconds, "cpu_seconds": cpu, "warmup_seconds": self.t0 - self.started,
+                **extra}
+
+
+def cam_scores(model, weight, x, cam_top=5, top_k=3, grid=(14, 14)):
+    """juicer's cam scorer in batched torch ops: saliency [B, 196], top-k class ids and probabilities, their maps."""
     import torch
+    import torch.nn.functional as F
+
+    features = model.features(x)  # [B, 1280, 7, 7]
+    logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1))
+    p, idx = logits.softmax(dim=1).topk(max(cam_top, top_k), dim=1)  # [B, 5]
+    maps = torch.einsum("bkc,bchw->bkhw", weight[idx], features)  # [B, 5, 7, 7]
+    maps = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
+    saliency = (p[:, :cam_top, None, None] * maps[:, :cam_top]).sum(dim=1).flatten(1)  # [B, 196]
+    return saliency, idx[:, :top_k], p[:, :top_k], maps[:, :top_k].flatten(2)
+
+
+def patch_loader(args):
+    """webdataset → PIL → `Prepare` in a `DataLoader` over `args.shards` (batches of `args.batch_size`, with
+    `args.workers` workers), started, with its timed [`Window`]."""
     import webdataset as wds
     from torch.utils.data import DataLoader
 
-    torch.set_num_threads(args.workers)  # the main process only collects; each worker runs with 1 torch thread
     dataset = (
         wds.WebDataset(args.shards, shardshuffle=False, empty_check=False)
         .decode("pil")
         .to_tuple("jpg;jpeg;png;webp", "txt")
         .map_tuple(Prepare(), _identity)
     )
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    started = time.perf_counter()
-    emitted = 0
-    t0 = None
-    last = None
-    samples = 0
-    batches = 0
+    it = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
+    return it, Window(args.warmup, [w.pid for w in getattr(it, "_workers", [])])
+
+
+def cmd_decode(args):
+    import torch
+
+    torch.set_num_threads(args.workers)  # the main process only collects; each worker runs with 1 torch thread
+    it, window = patch_loader(args)
     shape = None
-    it = iter(loader)
-    workers = [w.pid for w in getattr(it, "_workers", [])]
-    cpu0 = cpu1 = None
     for patches, _captions in it:
-        now = time.perf_counter()
-        n = patches.shape[0]
         shape = list(patches.shape)
-        emitted += n
-        if t0 is None:
-            if emitted >= args.warmup:
-                t0 = now
-                last = now
-                cpu0 = cpu1 = cpu_with_workers(workers)
-            continue
-        samples += n
-        batches += 1
-        last = now
-        cpu1 = cpu_with_workers(workers)
-    if t0 is None or samples == 0:
-        sys.exit(f"decode: the data ended after {emitted} samples, before the warm-up of {args.warmup} was done")
-    seconds = last - t0
-    print(
-        json.dumps(
-            {
-                "side": "python",
-                "task": "decode",
-                "items": samples,
-                "batches": batches,
-                "seconds": seconds,
-                "per_s": samples / seconds,
-                "cpu_seconds": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
-                "warmup_seconds": t0 - started,
-                "workers": args.workers,
-                "batch_shape": shape,
-            }
-        )
-    )
+        window.batch(patches.shape[0])
+    print(json.dumps(window.report("decode", workers=args.workers, batch_shape=shape)))
 
 
 def load_mobilenet(weights):
@@ -173,23 +189,14 @@ def load_mobilenet(weights):
 def cmd_cam(args):
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     torch.set_num_threads(args.threads)
     x = torch.from_numpy(np.fromfile(args.inputs, dtype="<f4").reshape(-1, 3, 224, 224).copy())
     model = load_mobilenet(args.weights)
     weight = model.classifier[1].weight.detach()  # [1000, 1280]
-    cam_top, top_k, grid = 5, 3, (14, 14)
 
     def score(xb):
-        features = model.features(xb)  # [B, 1280, 7, 7]
-        logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1))
-        probs = logits.softmax(dim=1)
-        p, idx = probs.topk(max(cam_top, top_k), dim=1)  # [B, 5]
-        maps = torch.einsum("bkc,bchw->bkhw", weight[idx], features)  # [B, 5, 7, 7]
-        maps = F.interpolate(maps, size=grid, mode="bilinear", align_corners=False)
-        saliency = (p[:, :cam_top, None, None] * maps[:, :cam_top]).sum(dim=1).flatten(1)  # [B, 196]
-        return saliency, idx[:, :top_k], p[:, :top_k], maps[:, :top_k].flatten(2)
+        return cam_scores(model, weight, xb)
 
     n = x.shape[0]
     b = args.batch
@@ -273,59 +280,21 @@ def cmd_graph(args):
     """The Python peer of juicer's whole graph: webdataset + PIL decode and transforms in DataLoader workers, then
     torchvision MobileNetV2 CAM saliency and top-3 classes per batch in the main process (the `cam` maths)."""
     import torch
-    import torch.nn.functional as F
-    import webdataset as wds
-    from torch.utils.data import DataLoader
 
     torch.set_num_threads(args.threads)
     model = load_mobilenet(args.weights)
     weight = model.classifier[1].weight.detach()
-    cam_top, top_k, grid = 5, 3, (14, 14)
-    dataset = (
-        wds.WebDataset(args.shards, shardshuffle=False, empty_check=False)
-        .decode("pil")
-        .to_tuple("jpg;jpeg;png;webp", "txt")
-        .map_tuple(Prepare(), _identity)
-    )
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
-    started = time.perf_counter()
-    emitted = samples = batches = 0
-    t0 = last = None
-    it = iter(loader)
-    workers = [w.pid for w in getattr(it, "_workers", [])]
-    cpu0 = cpu1 = None
+    it, window = patch_loader(args)
     with torch.inference_mode():
         for patches, _captions in it:
             b = patches.shape[0]
             # patches [B, 196, 768] back to images [B, 3, 224, 224] (the loader hands out patches, as juicer does).
             x = patches.reshape(b, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 224, 224)
-            features = model.features(x)
-            logits = model.classifier(torch.flatten(F.adaptive_avg_pool2d(features, (1, 1)), 1))
-            p, idx = logits.softmax(dim=1).topk(max(cam_top, top_k), dim=1)
-            maps = F.interpolate(torch.einsum("bkc,bchw->bkhw", weight[idx], features), size=grid, mode="bilinear",
-                                 align_corners=False)
-            saliency = (p[:, :cam_top, None, None] * maps[:, :cam_top]).sum(dim=1).flatten(1)
+            saliency = cam_scores(model, weight, x)[0]
             keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices  # the kept half, as juicer's default ratio
             _kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[2]))
-            now = time.perf_counter()
-            emitted += b
-            if t0 is None:
-                if emitted >= args.warmup:
-                    t0 = last = now
-                    cpu0 = cpu1 = cpu_with_workers(workers)
-                continue
-            samples += b
-            batches += 1
-            last = now
-            cpu1 = cpu_with_workers(workers)
-    if t0 is None or samples == 0:
-        sys.exit(f"graph: the data ended after {emitted} samples, before the warm-up of {args.warmup} was done")
-    seconds = last - t0
-    print(json.dumps({
-        "side": "python", "task": "graph", "items": samples, "batches": batches, "seconds": seconds,
-        "per_s": samples / seconds, "cpu_seconds": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
-        "warmup_seconds": t0 - started, "workers": args.workers, "threads": torch.get_num_threads(),
-    }))
+            window.batch(b)
+    print(json.dumps(window.report("graph", workers=args.workers, threads=torch.get_num_threads())))
 
 
 def cmd_tokenize(args):
