@@ -85,9 +85,10 @@ pub fn auto_model_workers(device: &burn::tensor::Device, cores: usize) -> usize 
 }
 
 /// The micro-batch [`VisionConfig::micro_batch`] = 0 stands for on `device`. On the CPU a forward's cost per image
-/// grows with the batch once the activations leave the caches (MobileNetV2 on one thread: 26.9 ms per image at 1,
-/// 28.4 at 4, 35.5 at 16; the whole graph on 2 cores ran 1.26× faster at 4 than at 16 with 0.45× the peak RSS), so
-/// small micro-batches win there; a GPU wants larger ones.
+/// grows with the batch once the activations leave the caches (measured with burn's depthwise layers, before the
+/// host kernel: MobileNetV2 on one thread 26.9 ms per image at 1, 28.4 at 4, 35.5 at 16; the whole graph on 2
+/// cores 1.26× faster at 4 than at 16 with 0.45× the peak RSS; with the host kernel 1, 2 and 4 are within noise),
+/// so small micro-batches win there; a GPU wants larger ones.
 pub fn auto_micro_batch(device: &burn::tensor::Device) -> usize {
     if *device == burn::tensor::Device::flex() { 4 } else { 16 }
 }
