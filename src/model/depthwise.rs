@@ -59,9 +59,8 @@ impl HostDepthwise {
             let ch = plane % c;
             let src = &input[plane * h * w..(plane + 1) * h * w];
             let k: &[f32; 9] = self.weight[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
-            let bias = self.bias[ch];
-            scratch.input_relu6 = self.input_relu6;
-            plane_dispatch(self.stride, src, h, w, k, bias, scratch, dst);
+            let taps = Taps { k, bias: self.bias[ch], input_relu6: self.input_relu6 };
+            plane_dispatch(self.stride, src, h, w, &taps, scratch, dst);
         });
         Tensor::from_data(TensorData::new(out, [n, c, oh, ow]), device)
     }
@@ -69,43 +68,37 @@ impl HostDepthwise {
 
 /// One plane on the widest vector unit this CPU has: the loops compiled for AVX2 when the CPU reports it (8
 /// lanes), else for the x86-64 baseline SSE2 (4 lanes) the crate is built for.
-#[allow(clippy::too_many_arguments)]
-fn plane_dispatch(
-    stride: usize,
-    src: &[f32],
-    h: usize,
-    w: usize,
-    k: &[f32; 9],
-    b: f32,
-    s: &mut Scratch,
-    dst: &mut [f32],
-) {
+fn plane_dispatch(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: `plane_avx2` only requires AVX2, which the CPU has just reported.
-        unsafe { plane_avx2(stride, src, h, w, k, b, s, dst) };
+        unsafe { plane_avx2(stride, src, h, w, t, s, dst) };
         return;
     }
-    plane(stride, src, h, w, k, b, s, dst);
+    plane(stride, src, h, w, t, s, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn plane_avx2(stride: usize, src: &[f32], h: usize, w: usize, k: &[f32; 9], b: f32, s: &mut Scratch, dst: &mut [f32]) {
-    plane(stride, src, h, w, k, b, s, dst);
+fn plane_avx2(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+    plane(stride, src, h, w, t, s, dst);
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn plane(stride: usize, src: &[f32], h: usize, w: usize, k: &[f32; 9], b: f32, s: &mut Scratch, dst: &mut [f32]) {
-    if stride == 1 { stride1(src, h, w, k, b, s, dst) } else { stride2(src, h, w, k, b, s, dst) }
+fn plane(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+    if stride == 1 { stride1(src, h, w, t, s, dst) } else { stride2(src, h, w, t, s, dst) }
+}
+
+/// One channel's kernel: its 9 weights, its bias, and whether its input goes through ReLU6 as it is read.
+struct Taps<'a> {
+    k: &'a [f32; 9],
+    bias: f32,
+    input_relu6: bool,
 }
 
 /// Per-thread buffers, reused across planes.
 #[derive(Default)]
 struct Scratch {
-    input_relu6: bool,
     padded: Vec<f32>,
     /// `(h, w, len)` of the plane `padded` is the zero-bordered buffer for.
     padded_shape: (usize, usize, usize),
@@ -150,10 +143,11 @@ fn pad_rows(src: &[f32], w: usize, wp: usize, relu6_input: bool, padded: &mut [f
 /// Stride 1: the plane padded to `(h + 2) × (w + 2)` (plus 2 values so the last taps stay in bounds), then one
 /// flat loop over `h × (w + 2)` positions.
 #[inline(always)]
-fn stride1(src: &[f32], h: usize, w: usize, k: &[f32; 9], bias: f32, s: &mut Scratch, dst: &mut [f32]) {
+fn stride1(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+    let (k, bias) = (t.k, t.bias);
     let wp = w + 2;
     zeroed(s, h, w, (h + 2) * wp + 2);
-    pad_rows(src, w, wp, s.input_relu6, &mut s.padded);
+    pad_rows(src, w, wp, t.input_relu6, &mut s.padded);
     let n = h * wp;
     let p = &s.padded;
     let tap = |ky: usize, kx: usize| &p[ky * wp + kx..ky * wp + kx + n];
@@ -183,11 +177,12 @@ fn stride1(src: &[f32], h: usize, w: usize, k: &[f32; 9], bias: f32, s: &mut Scr
 /// Stride 2: the padded plane's columns split into even and odd ones (`2x + kx` becomes `even[x]`, `odd[x]`,
 /// `even[x + 1]`), rows kept, then one flat loop per kernel row over the output rows.
 #[inline(always)]
-fn stride2(src: &[f32], h: usize, w: usize, k: &[f32; 9], bias: f32, s: &mut Scratch, dst: &mut [f32]) {
+fn stride2(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+    let (k, bias) = (t.k, t.bias);
     let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     let wp = w + 2;
     zeroed(s, h, w, (h + 2) * wp);
-    pad_rows(src, w, wp, s.input_relu6, &mut s.padded);
+    pad_rows(src, w, wp, t.input_relu6, &mut s.padded);
     // Even and odd columns of every padded row, `half = ow + 1` wide (the even half needs x + 1 <= ow).
     let half = ow + 1;
     s.even.resize((h + 2) * half, 0.0); // every value is written below
