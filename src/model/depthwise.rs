@@ -11,15 +11,18 @@
 //! products at fixed offsets of that buffer, clamped to [0, 6], in one loop the compiler vectorises:
 //! - stride 1: the padded plane is read as one flat array of rows `W + 2` wide, so the 9 taps are 9 shifted
 //!   slices and the loop runs over all rows at once (the 2 extra values per row are computed and dropped);
-//! - stride 2: the padded rows are split into their even and odd columns first, which turns the strided taps
-//!   into the same shifted contiguous slices.
+//! - stride 2: the input rows are split into the padded plane's even and odd columns as they are copied, which
+//!   turns the strided taps into the same shifted contiguous slices.
 //!
-//! The loops are compiled twice, for the x86-64 baseline and for AVX2, and the CPU picks at run time.
+//! The loops are compiled twice, for the x86-64 baseline and for AVX2 with FMA (each tap one fused multiply-add),
+//! and the CPU picks at run time.
 //! Channels run in parallel on the caller's rayon pool (one replica's [`crate::device::IntraOp`] threads). Padding
 //! is 1 on every side, as in every depthwise layer of MobileNetV2. The result equals burn's `conv2d` + ReLU6 up
 //! to float rounding (the summation order differs; a test checks every layer shape of the model).
 
 use burn::tensor::{Device, Tensor, TensorData};
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// One depthwise layer's folded weights on the host: `weight[c * 9 + ky * 3 + kx]`, `bias[c]`.
@@ -49,45 +52,84 @@ impl HostDepthwise {
     /// construction, not by input data.
     pub fn forward(&self, x: Tensor<4>, device: &Device) -> Tensor<4> {
         let [n, c, h, w] = x.dims();
-        assert_eq!(c, self.bias.len(), "depthwise layer: channel count");
-        let (oh, ow) = ((h - 1) / self.stride + 1, (w - 1) / self.stride + 1);
         let data = x.into_data();
         #[allow(clippy::expect_used)] // the model only ever builds f32 activations
         let input = data.as_slice::<f32>().expect("f32 activations");
-        let mut out = vec![0f32; n * c * oh * ow];
-        out.par_chunks_mut(oh * ow).enumerate().for_each_init(Scratch::default, |scratch, (plane, dst)| {
-            let ch = plane % c;
-            let src = &input[plane * h * w..(plane + 1) * h * w];
-            let k: &[f32; 9] = self.weight[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
-            let taps = Taps { k, bias: self.bias[ch], input_relu6: self.input_relu6 };
-            plane_dispatch(self.stride, src, h, w, &taps, scratch, dst);
-        });
+        let out = self.apply(input, n, c, h, w);
+        let (oh, ow) = self.output_size(h, w);
         Tensor::from_data(TensorData::new(out, [n, c, oh, ow]), device)
+    }
+
+    /// Output height and width for an `h`×`w` input.
+    pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        (h.saturating_sub(1) / self.stride + 1, w.saturating_sub(1) / self.stride + 1)
+    }
+
+    /// [`HostDepthwise::forward`] on host memory: `x` is `[n, c, h, w]` row-major, the result
+    /// `[n, c, oh, ow]` ([`HostDepthwise::output_size`]).
+    ///
+    /// # Panics
+    /// If `x` does not have `n · c · h · w` values with `c == self.bias.len()`, or `h` or `w` is 0: fixed by the
+    /// model's construction, not by input data.
+    pub fn apply(&self, input: &[f32], n: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+        assert_eq!(c, self.bias.len(), "depthwise layer: channel count");
+        assert_eq!(input.len(), n * c * h * w, "depthwise layer: input size");
+        assert!(h > 0 && w > 0, "depthwise layer: empty plane");
+        let (oh, ow) = self.output_size(h, w);
+        let len = n * c * oh * ow;
+        // No zero fill: the plane kernels write every output value (each ends with one pass over its whole plane).
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        out.spare_capacity_mut()[..len].par_chunks_mut(oh * ow).enumerate().for_each_init(
+            Scratch::default,
+            |scratch, (plane, dst)| {
+                let ch = plane % c;
+                let src = &input[plane * h * w..(plane + 1) * h * w];
+                let k: &[f32; 9] = self.weight[ch * 9..ch * 9 + 9].try_into().unwrap_or(&[0.0; 9]);
+                let taps = Taps { k, bias: self.bias[ch], input_relu6: self.input_relu6 };
+                plane_dispatch(self.stride, src, h, w, &taps, scratch, dst);
+            },
+        );
+        // SAFETY: the `len` values were initialised above: `stride1` and `stride2` write all `oh × ow` values of
+        // their plane (their last loop runs over `dst` in whole rows, each zipped with an accumulator row of the
+        // same length), and a panic there would unwind before this line.
+        unsafe { out.set_len(len) };
+        out
     }
 }
 
-/// One plane on the widest vector unit this CPU has: the loops compiled for AVX2 when the CPU reports it (8
-/// lanes), else for the x86-64 baseline SSE2 (4 lanes) the crate is built for.
-fn plane_dispatch(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+/// One plane on the widest vector unit this CPU has: the loops compiled for AVX2 with FMA when the CPU reports
+/// both (8 lanes, one fused multiply-add per tap), else for the x86-64 baseline SSE2 (4 lanes) the crate is built
+/// for.
+fn plane_dispatch(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut Plane) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: `plane_avx2` only requires AVX2, which the CPU has just reported.
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: `plane_avx2` only requires AVX2 and FMA, which the CPU has just reported.
         unsafe { plane_avx2(stride, src, h, w, t, s, dst) };
         return;
     }
-    plane(stride, src, h, w, t, s, dst);
+    plane::<false>(stride, src, h, w, t, s, dst);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn plane_avx2(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
-    plane(stride, src, h, w, t, s, dst);
+#[target_feature(enable = "avx2,fma")]
+fn plane_avx2(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut Plane) {
+    plane::<true>(stride, src, h, w, t, s, dst);
 }
 
 #[inline(always)]
-fn plane(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
-    if stride == 1 { stride1(src, h, w, t, s, dst) } else { stride2(src, h, w, t, s, dst) }
+fn plane<const FMA: bool>(stride: usize, src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut Plane) {
+    if stride == 1 { stride1::<FMA>(src, h, w, t, s, dst) } else { stride2::<FMA>(src, h, w, t, s, dst) }
 }
+
+/// `a · b + c`, as one fused multiply-add where the loop was compiled for FMA (`f32::mul_add` is a library call
+/// otherwise).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// One output plane, written value by value (it starts uninitialised: no zero fill).
+type Plane = [MaybeUninit<f32>];
 
 /// One channel's kernel: its 9 weights, its bias, and whether its input goes through ReLU6 as it is read.
 struct Taps<'a> {
@@ -99,11 +141,13 @@ struct Taps<'a> {
 /// Per-thread buffers, reused across planes.
 #[derive(Default)]
 struct Scratch {
+    /// Stride 1: the zero-bordered plane.
     padded: Vec<f32>,
-    /// `(h, w, len)` of the plane `padded` is the zero-bordered buffer for.
-    padded_shape: (usize, usize, usize),
+    /// Stride 2: the even and odd columns of the zero-bordered plane.
     even: Vec<f32>,
     odd: Vec<f32>,
+    /// `(stride, h, w)` of the plane the buffers above hold the zero border for.
+    shape: (usize, usize, usize),
     acc: Vec<f32>,
 }
 
@@ -113,41 +157,34 @@ fn relu6(x: f32) -> f32 {
     x.clamp(0.0, 6.0)
 }
 
-/// Makes `s.padded` `len` zeros for an `h`×`w` plane, unless it already holds the padded plane of that shape:
-/// only the interior is ever written, so the zero border survives from plane to plane of one layer.
+/// Makes `buf` `len` zeros. Called when [`Scratch::shape`] changes only: the planes of one layer write only the
+/// interior of the padded buffers, so their zero border survives from plane to plane.
 #[inline(always)]
-fn zeroed(s: &mut Scratch, h: usize, w: usize, len: usize) {
-    if s.padded_shape != (h, w, len) {
-        s.padded.clear();
-        s.padded.resize(len, 0.0);
-        s.padded_shape = (h, w, len);
-    }
-}
-
-/// Copies the `w`-wide rows of `src` into the interior of the zeroed, `wp`-wide `padded` plane (one row and
-/// column of zeros around), through ReLU6 when `relu6_input`.
-#[inline(always)]
-fn pad_rows(src: &[f32], w: usize, wp: usize, relu6_input: bool, padded: &mut [f32]) {
-    for (y, row) in src.chunks_exact(w).enumerate() {
-        let dst = &mut padded[(y + 1) * wp + 1..(y + 1) * wp + 1 + w];
-        if relu6_input {
-            for (d, &v) in dst.iter_mut().zip(row) {
-                *d = relu6(v);
-            }
-        } else {
-            dst.copy_from_slice(row);
-        }
-    }
+fn zeroed(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
 }
 
 /// Stride 1: the plane padded to `(h + 2) × (w + 2)` (plus 2 values so the last taps stay in bounds), then one
 /// flat loop over `h × (w + 2)` positions.
 #[inline(always)]
-fn stride1(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+fn stride1<const FMA: bool>(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut Plane) {
     let (k, bias) = (t.k, t.bias);
     let wp = w + 2;
-    zeroed(s, h, w, (h + 2) * wp + 2);
-    pad_rows(src, w, wp, t.input_relu6, &mut s.padded);
+    if s.shape != (1, h, w) {
+        zeroed(&mut s.padded, (h + 2) * wp + 2);
+        s.shape = (1, h, w);
+    }
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let padded = &mut s.padded[(y + 1) * wp + 1..(y + 1) * wp + 1 + w];
+        if t.input_relu6 {
+            for (d, &v) in padded.iter_mut().zip(row) {
+                *d = relu6(v);
+            }
+        } else {
+            padded.copy_from_slice(row);
+        }
+    }
     let n = h * wp;
     let p = &s.padded;
     let tap = |ky: usize, kx: usize| &p[ky * wp + kx..ky * wp + kx + n];
@@ -156,42 +193,49 @@ fn stride1(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut
     s.acc.resize(n, 0.0); // every value is written below
     let acc = &mut s.acc[..n];
     for i in 0..n {
-        acc[i] = bias
-            + k[0] * t0[i]
-            + k[1] * t1[i]
-            + k[2] * t2[i]
-            + k[3] * t3[i]
-            + k[4] * t4[i]
-            + k[5] * t5[i]
-            + k[6] * t6[i]
-            + k[7] * t7[i]
-            + k[8] * t8[i];
+        let mut a = madd::<FMA>(k[0], t0[i], bias);
+        a = madd::<FMA>(k[1], t1[i], a);
+        a = madd::<FMA>(k[2], t2[i], a);
+        a = madd::<FMA>(k[3], t3[i], a);
+        a = madd::<FMA>(k[4], t4[i], a);
+        a = madd::<FMA>(k[5], t5[i], a);
+        a = madd::<FMA>(k[6], t6[i], a);
+        a = madd::<FMA>(k[7], t7[i], a);
+        acc[i] = madd::<FMA>(k[8], t8[i], a);
     }
     for (y, out) in dst.chunks_exact_mut(w).enumerate() {
         for (o, &a) in out.iter_mut().zip(&acc[y * wp..y * wp + w]) {
-            *o = relu6(a);
+            o.write(relu6(a));
         }
     }
 }
 
 /// Stride 2: the padded plane's columns split into even and odd ones (`2x + kx` becomes `even[x]`, `odd[x]`,
-/// `even[x + 1]`), rows kept, then one flat loop per kernel row over the output rows.
+/// `even[x + 1]`), rows kept, then one flat loop per kernel row over the output rows. The split is written
+/// straight from the input (padded column `2x` is input column `2x − 1`): no padded copy first.
 #[inline(always)]
-fn stride2(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut [f32]) {
+fn stride2<const FMA: bool>(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut Plane) {
     let (k, bias) = (t.k, t.bias);
     let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
-    let wp = w + 2;
-    zeroed(s, h, w, (h + 2) * wp);
-    pad_rows(src, w, wp, t.input_relu6, &mut s.padded);
     // Even and odd columns of every padded row, `half = ow + 1` wide (the even half needs x + 1 <= ow).
     let half = ow + 1;
-    s.even.resize((h + 2) * half, 0.0); // every value is written below
-    s.odd.resize((h + 2) * half, 0.0);
-    for y in 0..h + 2 {
-        let row = &s.padded[y * wp..(y + 1) * wp];
-        for x in 0..half {
-            s.even[y * half + x] = row.get(2 * x).copied().unwrap_or(0.0);
-            s.odd[y * half + x] = row.get(2 * x + 1).copied().unwrap_or(0.0);
+    if s.shape != (2, h, w) {
+        zeroed(&mut s.even, (h + 2) * half);
+        zeroed(&mut s.odd, (h + 2) * half);
+        s.shape = (2, h, w);
+    }
+    let f = |v: f32| if t.input_relu6 { relu6(v) } else { v };
+    for (y, row) in src.chunks_exact(w).enumerate() {
+        let r = (y + 1) * half;
+        let (even, odd) = (&mut s.even[r..r + half], &mut s.odd[r..r + half]);
+        // Input columns 2x and 2x + 1 are padded columns 2x + 1 (odd[x]) and 2x + 2 (even[x + 1]).
+        let mut pairs = row.chunks_exact(2);
+        for ((p, o), e) in (&mut pairs).zip(odd.iter_mut()).zip(even[1..].iter_mut()) {
+            *o = f(p[0]);
+            *e = f(p[1]);
+        }
+        if let ([last], Some(o)) = (pairs.remainder(), odd.get_mut(w / 2)) {
+            *o = f(*last);
         }
     }
     s.acc.clear();
@@ -204,13 +248,13 @@ fn stride2(src: &[f32], h: usize, w: usize, t: &Taps, s: &mut Scratch, dst: &mut
             let acc = &mut s.acc[y * half..y * half + ow];
             let (e0, o0, e1) = (&e[..ow], &o[..ow], &e[1..=ow]);
             for x in 0..ow {
-                acc[x] += k0 * e0[x] + k1 * o0[x] + k2 * e1[x];
+                acc[x] = madd::<FMA>(k2, e1[x], madd::<FMA>(k1, o0[x], madd::<FMA>(k0, e0[x], acc[x])));
             }
         }
     }
     for (y, out) in dst.chunks_exact_mut(ow).enumerate() {
         for (o, &a) in out.iter_mut().zip(&s.acc[y * half..y * half + ow]) {
-            *o = relu6(a);
+            o.write(relu6(a));
         }
     }
 }

@@ -17,9 +17,11 @@
 //! one elementwise pass less per layer (exact up to float rounding). A conv that carries a bias is a folded one
 //! (torchvision's convs here have none), so the forward skips its BatchNorm; the tree and its key names stay
 //! torchvision's. ReLU6 runs as `relu` then `clamp_max`, which vectorise on the CPU backend (burn's `clamp` runs a
-//! scalar loop there, 13× slower per element). On the CPU backend the folded depthwise layers, with their ReLU6,
-//! also run as one host-memory kernel ([`super::depthwise`]; 2.6× faster measured), kept in
-//! [`InvertedResidual::host_depthwise`].
+//! scalar loop there, 13× slower per element). On the CPU backend all of `features` then runs on host memory as
+//! [`HostFeatures`], kept in [`MobileNetV2::host`]: the depthwise layers with their ReLU6 (and the expansion's,
+//! fused into the input copy) as one kernel each ([`super::depthwise`]; 2.6× faster than burn's, measured), the
+//! 1×1 convolutions and the stem (after an im2col) as GEMMs with the bias and the residual fused
+//! ([`super::pointwise`]): one host copy in and one out per forward instead of a tensor op per pass.
 //!
 //! Loading ([`load`], [`load_bytes`], [`embedded`]) is strict: before any tensor is read, the safetensors header is
 //! checked against the tensors the model expects (names, shapes, `F32` dtype, byte ranges inside the file), and any
@@ -43,6 +45,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::depthwise::HostDepthwise;
+use super::pointwise::{HostPointwise, im2col_3x3};
 use super::safetensors;
 use crate::error::{Error, Result};
 
@@ -147,10 +150,6 @@ pub struct InvertedResidual {
     pub conv: InvertedResidualConv,
     /// Whether the block input is added to its output (stride 1 and as many input as output channels).
     pub use_residual: bool,
-    /// The folded depthwise layer (+ ReLU6) as a host-memory kernel, set by
-    /// [`MobileNetV2::fold_batch_norms`] on the CPU backend (module docs, *Inference preparation*).
-    #[module(skip)]
-    pub host_depthwise: Option<Arc<HostDepthwise>>,
 }
 
 /// torchvision's MobileNetV2: `features` (stride 32, 1280 channels, values in [0, 6]), then the mean over H×W, then
@@ -161,6 +160,117 @@ pub struct MobileNetV2 {
     pub features: Vec<Feature>,
     /// `classifier.0` (Dropout) and `classifier.1` (Linear 1280 → `num_classes`, weight stored `[1280, classes]`).
     pub classifier: (Dropout, Linear),
+    /// `features`, folded, as host-memory kernels: set by [`MobileNetV2::fold_batch_norms`] on the CPU backend and
+    /// then used by [`MobileNetV2::forward_features`] (module docs, *Inference preparation*).
+    #[module(skip)]
+    pub host: Option<Arc<HostFeatures>>,
+}
+
+/// The folded `features` of a [`MobileNetV2`] on host memory (module docs, *Inference preparation*): the stem's
+/// 3×3 conv + ReLU6 as im2col + GEMM; per block the expansion 1×1 conv, the depthwise 3×3 conv + ReLU6 (the
+/// expansion's ReLU6 fused into its input copy), the projection 1×1 conv with the residual fused; then the last
+/// 1×1 conv + ReLU6.
+#[derive(Debug, Clone)]
+pub struct HostFeatures {
+    /// `features.0`: weights `[32, 3·9]` (the taps in [`im2col_3x3`]'s row order), ReLU6.
+    stem: HostPointwise,
+    stem_stride: usize,
+    blocks: Vec<HostBlock>,
+    last: HostPointwise,
+}
+
+/// One inverted residual block of [`HostFeatures`].
+#[derive(Debug, Clone)]
+struct HostBlock {
+    expand: Option<HostPointwise>,
+    depthwise: HostDepthwise,
+    project: HostPointwise,
+    residual: bool,
+}
+
+impl HostFeatures {
+    /// Builds the host kernels from folded `features`, when their weights live on the CPU backend; `None` on a
+    /// GPU, before folding, or if a weight cannot be read as f32.
+    fn new(features: &[Feature]) -> Option<Self> {
+        let (last, blocks) = features.split_last()?;
+        let (stem, blocks) = blocks.split_first()?;
+        let Feature::ConvBnRelu6((stem, _)) = stem else { return None };
+        let stem_stride = stem.stride[0];
+        let stem = host_conv(stem, 3, true)?;
+        let mut host = Vec::with_capacity(blocks.len());
+        for feature in blocks {
+            let Feature::InvertedResidual(block) = feature else { return None };
+            let (expand, dw, project) = match &block.conv {
+                InvertedResidualConv::Depthwise(((dw, _), project, _)) => (None, dw, project),
+                InvertedResidualConv::Expanded(((expand, _), (dw, _), project, _)) => (Some(expand), dw, project),
+            };
+            host.push(HostBlock {
+                expand: match expand {
+                    Some(conv) => Some(host_conv(conv, 1, false)?),
+                    None => None,
+                },
+                depthwise: host_depthwise(dw, expand.is_some())?,
+                project: host_conv(project, 1, false)?,
+                residual: block.use_residual,
+            });
+        }
+        let Feature::ConvBnRelu6((last, _)) = last else { return None };
+        Some(Self { stem, stem_stride, blocks: host, last: host_conv(last, 1, true)? })
+    }
+
+    /// `features` on `x`.
+    ///
+    /// # Shapes
+    /// - `x`: `[batch, 3, height, width]`
+    /// - output: `[batch, 1280, ceil(height / 32), ceil(width / 32)]`
+    ///
+    /// # Panics
+    /// If `x` does not have 3 channels or is not f32.
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let device = x.device();
+        let [n, c, h, w] = x.dims();
+        assert_eq!(c * 9, self.stem.cin(), "MobileNetV2 input channels");
+        #[allow(clippy::expect_used)] // the model only ever builds f32 activations
+        let input: Vec<f32> = x.into_data().try_into_vec().expect("f32 activations");
+        // On one thread, one image at a time through the whole network: a layer's activations for one image stay
+        // in cache where the micro-batch's would not (block 2's expansion alone is 4.8 MB an image). With more
+        // threads, layer by layer with the images in parallel. An image's values are the same either way.
+        let (out, (oh, ow)) = if rayon::current_num_threads() == 1 && n > 1 {
+            let mut out = Vec::new();
+            let mut size = (0, 0);
+            for image in input.chunks_exact(c * h * w) {
+                let (one, s) = self.run(image, 1, c, h, w);
+                out.extend_from_slice(&one);
+                size = s;
+            }
+            (out, size)
+        } else {
+            self.run(&input, n, c, h, w)
+        };
+        Tensor::from_data(TensorData::new(out, [n, self.last.cout(), oh, ow]), &device)
+    }
+
+    /// The network on `n` images `[n, c, h, w]` in host memory, layer by layer: `[n, 1280, oh, ow]` and `(oh, ow)`.
+    fn run(&self, input: &[f32], n: usize, c: usize, h: usize, w: usize) -> (Vec<f32>, (usize, usize)) {
+        let (cols, (mut h, mut w)) = im2col_3x3(input, n, c, h, w, self.stem_stride);
+        let mut cur = self.stem.apply(&cols, n, h * w, None);
+        drop(cols);
+        for block in &self.blocks {
+            let expanded;
+            let input: &[f32] = match &block.expand {
+                Some(expand) => {
+                    expanded = expand.apply(&cur, n, h * w, None);
+                    &expanded
+                }
+                None => &cur,
+            };
+            let hidden = block.depthwise.apply(input, n, block.depthwise.bias.len(), h, w);
+            (h, w) = block.depthwise.output_size(h, w);
+            let residual = block.residual.then_some(&cur[..]);
+            cur = block.project.apply(&hidden, n, h * w, residual);
+        }
+        (self.last.apply(&cur, n, h * w, None), (h, w))
+    }
 }
 
 /// A `k`×`k` conv (padding `(k-1)/2`, no bias) with BatchNorm.
@@ -206,6 +316,21 @@ fn host_depthwise(conv: &Conv2d, input_relu6: bool) -> Option<HostDepthwise> {
     (weight.len() == 9 * bias.len()).then(|| HostDepthwise { weight, bias, stride: conv.stride[0], input_relu6 })
 }
 
+/// A folded `kernel`×`kernel` conv's weights on the host as `[cout, cin·kernel²]` (`relu6`: apply ReLU6 to its
+/// output), when the model lives on the CPU backend; `None` on a GPU, before folding, for another kernel size or
+/// grouped conv, or if the weights cannot be read as f32.
+fn host_conv(conv: &Conv2d, kernel: usize, relu6: bool) -> Option<HostPointwise> {
+    let weight = conv.weight.val();
+    if weight.device() != Device::flex() || conv.groups != 1 {
+        return None;
+    }
+    let [cout, cin, kh, kw] = weight.dims();
+    let bias = conv.bias.as_ref()?.val().into_data().try_to_vec::<f32>().ok()?;
+    let weight = weight.into_data().try_to_vec::<f32>().ok()?;
+    (kh == kernel && kw == kernel && weight.len() == cout * cin * kernel * kernel && bias.len() == cout)
+        .then_some(HostPointwise { weight, bias, relu6 })
+}
+
 /// Folds `bn` into `conv` (module docs): the returned conv alone computes `bn(conv(x))`.
 fn fold(conv: &mut Conv2d, bn: &BatchNorm) {
     if conv.bias.is_some() {
@@ -239,7 +364,7 @@ impl MobileNetV2Config {
             DropoutConfig::new(self.dropout).init(),
             LinearConfig::new(FEATURE_CHANNELS, self.num_classes).init(device),
         );
-        MobileNetV2 { features, classifier }
+        MobileNetV2 { features, classifier, host: None }
     }
 }
 
@@ -259,18 +384,7 @@ impl InvertedResidual {
                 bn,
             ))
         };
-        Self { conv, use_residual: stride == 1 && cin == cout, host_depthwise: None }
-    }
-
-    /// The depthwise conv-BN-ReLU6: the host kernel when the model was prepared for the CPU, else burn's layers.
-    fn depthwise(&self, layer: &ConvBn, x: Tensor<4>) -> Tensor<4> {
-        match &self.host_depthwise {
-            Some(host) => {
-                let device = x.device();
-                host.forward(x, &device)
-            }
-            None => conv_bn_relu6(layer, x),
-        }
+        Self { conv, use_residual: stride == 1 && cin == cout }
     }
 
     /// Applies the block.
@@ -281,15 +395,10 @@ impl InvertedResidual {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = match &self.conv {
             InvertedResidualConv::Depthwise((dw, project, bn)) => {
-                conv_then_bn(project, bn, self.depthwise(dw, x.clone()))
+                conv_then_bn(project, bn, conv_bn_relu6(dw, x.clone()))
             }
             InvertedResidualConv::Expanded((expand, dw, project, bn)) => {
-                let expanded = match &self.host_depthwise {
-                    // The host kernel applies the expansion's ReLU6 as it reads its input.
-                    Some(host) if host.input_relu6 => conv_then_bn(&expand.0, &expand.1, x.clone()),
-                    _ => conv_bn_relu6(expand, x.clone()),
-                };
-                conv_then_bn(project, bn, self.depthwise(dw, expanded))
+                conv_then_bn(project, bn, conv_bn_relu6(dw, conv_bn_relu6(expand, x.clone())))
             }
         };
         if self.use_residual { y + x } else { y }
@@ -318,25 +427,20 @@ impl MobileNetV2 {
         for feature in &mut self.features {
             match feature {
                 Feature::ConvBnRelu6((conv, bn)) => fold(conv, bn),
-                Feature::InvertedResidual(block) => {
-                    let expanded = matches!(block.conv, InvertedResidualConv::Expanded(_));
-                    let dw = match &mut block.conv {
-                        InvertedResidualConv::Depthwise(((dw, dw_bn), project, bn)) => {
-                            fold(dw, dw_bn);
-                            fold(project, bn);
-                            dw
-                        }
-                        InvertedResidualConv::Expanded(((expand, expand_bn), (dw, dw_bn), project, bn)) => {
-                            fold(expand, expand_bn);
-                            fold(dw, dw_bn);
-                            fold(project, bn);
-                            dw
-                        }
-                    };
-                    block.host_depthwise = host_depthwise(dw, expanded).map(Arc::new);
-                }
+                Feature::InvertedResidual(block) => match &mut block.conv {
+                    InvertedResidualConv::Depthwise(((dw, dw_bn), project, bn)) => {
+                        fold(dw, dw_bn);
+                        fold(project, bn);
+                    }
+                    InvertedResidualConv::Expanded(((expand, expand_bn), (dw, dw_bn), project, bn)) => {
+                        fold(expand, expand_bn);
+                        fold(dw, dw_bn);
+                        fold(project, bn);
+                    }
+                },
             }
         }
+        self.host = HostFeatures::new(&self.features).map(Arc::new);
         self
     }
 
@@ -351,7 +455,10 @@ impl MobileNetV2 {
     /// # Panics
     /// If `x` does not have 3 channels.
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
-        self.features.iter().fold(x, |x, feature| feature.forward(x))
+        match &self.host {
+            Some(host) => host.forward(x),
+            None => self.features.iter().fold(x, |x, feature| feature.forward(x)),
+        }
     }
 
     /// The head: mean over H×W (`adaptive_avg_pool2d(·, 1)`), flatten, Dropout (identity in inference), Linear.

@@ -1,11 +1,12 @@
 //! burn models: torchvision MobileNetV2 (the embedded default for the `cam` scorer and class extraction), a
 //! HuggingFace-layout ViT (the `attention` scorer) and a small trainable CLIP over juiced batches ([`clip`]: kept
 //! patches with their grid positions, CLIP tokens, contrastive loss; the `train_clip` example and the step bench).
-//! [`safetensors`] is the one reader of the weights' container framing that the models share; [`depthwise`] is
-//! MobileNetV2's depthwise layer as a host-memory kernel for the CPU backend.
+//! [`safetensors`] is the one reader of the weights' container framing that the models share; [`depthwise`] and
+//! [`pointwise`] are MobileNetV2's depthwise and 1×1 layers as host-memory kernels for the CPU backend.
 
 pub mod clip;
 pub mod depthwise;
 pub mod mobilenet_v2;
+pub mod pointwise;
 pub mod safetensors;
 pub mod vit;
