@@ -45,7 +45,9 @@
 //! graph's `decode` stage: a [`Decoder`] applied to each [`RawSample`].
 
 use fast_image_resize::{FilterType, ResizeAlg, ResizeOptions, Resizer};
-use image::{ImageFormat, RgbImage};
+use std::io::Cursor;
+
+use image::{ImageFormat, ImageReader, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{DropReason, Error, SampleError};
@@ -65,6 +67,10 @@ pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 /// Largest accepted model input side, a guard against absurd allocations from a typo.
 const MAX_IMAGE_SIZE: usize = 8192;
 
+/// Default of [`DecodeConfig::max_pixels`]: Pillow's `Image.MAX_IMAGE_PIXELS` (89,478,485, about 9459 × 9459),
+/// the size above which Pillow warns of a decompression bomb. At that size an RGB image takes 268 MB.
+pub const DEFAULT_MAX_PIXELS: u64 = 89_478_485;
+
 /// Preprocessing parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -83,11 +89,23 @@ pub struct DecodeConfig {
     /// crop's source box stays at least S pixels across at that scale, then resize from there (module docs,
     /// *Reduced-scale JPEG decoding*). Default `true`; `false` decodes every JPEG at full resolution.
     pub jpeg_draft: bool,
+    /// Largest image, in pixels (width × height as its header declares them), that is decoded at all; a larger
+    /// one is dropped as [`DropReason::ImageTooLarge`] naming its size, before any pixel memory is allocated (a
+    /// 400 KB PNG can declare 20000 × 20000 pixels: 1.2 GB decoded). Default [`DEFAULT_MAX_PIXELS`];
+    /// `u64::MAX` disables the check.
+    pub max_pixels: u64,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { image_size: 224, resize_size: None, mean: IMAGENET_MEAN, std: IMAGENET_STD, jpeg_draft: true }
+        Self {
+            image_size: 224,
+            resize_size: None,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            jpeg_draft: true,
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
     }
 }
 
@@ -114,6 +132,9 @@ impl DecodeConfig {
             } else if r > MAX_IMAGE_SIZE {
                 problems.push(format!("resize_size {r} is larger than the maximum {MAX_IMAGE_SIZE}"));
             }
+        }
+        if self.max_pixels == 0 {
+            problems.push("max_pixels must be greater than 0 (u64::MAX for no limit)".to_string());
         }
         for (c, name) in ["R", "G", "B"].iter().enumerate() {
             if !self.mean[c].is_finite() {
@@ -217,8 +238,7 @@ impl Decoder {
 
     /// The S×S RGB8 crop [`Decoder::decode`] normalises, and the image's full-resolution size.
     pub fn crop_rgb8(&self, bytes: &[u8], ext_hint: &str) -> Result<(RgbImage, (u32, u32)), (DropReason, String)> {
-        let (rgb, orig_size, src_box) =
-            self.decode_for_crop(bytes, ext_hint).map_err(|d| (DropReason::UndecodableImage, d))?;
+        let (rgb, orig_size, src_box) = self.decode_for_crop(bytes, ext_hint)?;
         let crop = self
             .try_resize_box(&rgb, src_box)
             .map_err(|e| (DropReason::StageFailed, format!("resizing {}x{} failed: {e}", orig_size.0, orig_size.1)))?;
@@ -228,20 +248,20 @@ impl Decoder {
     /// Decodes encoded bytes to RGB8 only (no resize, always at full resolution), with the same checks as
     /// [`Decoder::decode`]; `key` names the sample in the error. Useful for visualising the original image.
     pub fn decode_rgb8(&self, key: &str, bytes: &[u8], ext_hint: &str) -> Result<RgbImage, SampleError> {
-        decode_rgb8_inner(bytes, ext_hint, |_, _| 8)
+        decode_rgb8_inner(bytes, ext_hint, self.cfg.max_pixels, |_, _| 8)
             .map(|(img, _, _)| img)
-            .map_err(|d| SampleError::new(key, DropReason::UndecodableImage, d))
+            .map_err(|(reason, detail)| SampleError::new(key, reason, detail))
     }
 
     /// Decodes `bytes` for the crop: the RGB image (at a reduced scale when [`DecodeConfig::jpeg_draft`] allows),
     /// the full-resolution size, and the crop's source box in the decoded image's pixels.
-    fn decode_for_crop(&self, bytes: &[u8], ext_hint: &str) -> Result<ForCrop, String> {
+    fn decode_for_crop(&self, bytes: &[u8], ext_hint: &str) -> Result<ForCrop, Failure> {
         let s = self.cfg.image_size as f64;
         let draft = |w: u32, h: u32| {
             let [_, _, bw, bh] = self.geometry(w, h).src_box;
             if self.cfg.jpeg_draft { draft_numerator(bw, bh, s) } else { 8 }
         };
-        let (img, (w, h), numerator) = decode_rgb8_inner(bytes, ext_hint, draft)?;
+        let (img, (w, h), numerator) = decode_rgb8_inner(bytes, ext_hint, self.cfg.max_pixels, draft)?;
         // libjpeg's scaled IDCT maps every 8×8 block onto n×n pixels: source coordinates scale by exactly n/8.
         let k = f64::from(numerator) / 8.0;
         let [left, top, bw, bh] = self.geometry(w, h).src_box;
@@ -331,6 +351,22 @@ type Decoded8 = (RgbImage, (u32, u32), u8);
 /// A decoded RGB8 image, the image's full-resolution size, and the crop's source box in the decoded pixels.
 type ForCrop = (RgbImage, (u32, u32), [f64; 4]);
 
+/// Why an image was not decoded, and the detail.
+type Failure = (DropReason, String);
+
+/// Refuses a `w`×`h` image above `max` pixels ([`DecodeConfig::max_pixels`]); called with the header's size,
+/// before any pixel memory is allocated.
+fn check_pixels(w: u32, h: u32, max: u64) -> Result<(), Failure> {
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > max {
+        return Err((
+            DropReason::ImageTooLarge,
+            format!("image of {w}x{h} = {pixels} pixels is above the limit of {max} pixels (max_pixels)"),
+        ));
+    }
+    Ok(())
+}
+
 /// The libjpeg scale numerator (of 8) for a crop whose source box is `bw`×`bh` pixels and whose output is `s`
 /// pixels across: the smallest of 1/8, 1/4, 1/2 that keeps the box at least `s` pixels on both axes (so the
 /// resize stays a downscale), else 8 (full resolution). Pillow's `Image.draft` chooses the same way.
@@ -341,12 +377,16 @@ pub fn draft_numerator(bw: f64, bh: f64, s: f64) -> u8 {
 /// Decodes a JPEG with libjpeg-turbo at the scale `numerator(width, height)` / 8 chooses (8: full resolution);
 /// returns the image, the full-resolution size and the numerator used. libjpeg reports a fatal error by
 /// unwinding (the `mozjpeg` crate's contract); it is caught here and returned as its message.
-fn decode_jpeg(bytes: &[u8], numerator: impl FnOnce(u32, u32) -> u8) -> Result<Decoded8, String> {
-    let run = || -> std::io::Result<Result<Decoded8, String>> {
+fn decode_jpeg(bytes: &[u8], max_pixels: u64, numerator: impl FnOnce(u32, u32) -> u8) -> Result<Decoded8, Failure> {
+    let undecodable = |d: String| (DropReason::UndecodableImage, d);
+    let run = || -> std::io::Result<Result<Decoded8, Failure>> {
         let mut d = mozjpeg::Decompress::new_mem(bytes)?;
         let (w, h) = (d.width() as u32, d.height() as u32);
         if w == 0 || h == 0 {
-            return Ok(Err(format!("image has no pixels ({w}x{h})")));
+            return Ok(Err(undecodable(format!("image has no pixels ({w}x{h})"))));
+        }
+        if let Err(too_large) = check_pixels(w, h, max_pixels) {
+            return Ok(Err(too_large));
         }
         let n = numerator(w, h).clamp(1, 8);
         d.scale(n);
@@ -356,16 +396,16 @@ fn decode_jpeg(bytes: &[u8], numerator: impl FnOnce(u32, u32) -> u8) -> Result<D
         image.finish()?;
         Ok(RgbImage::from_raw(ow, oh, pixels)
             .map(|img| (img, (w, h), n))
-            .ok_or_else(|| format!("libjpeg returned fewer pixels than {ow}x{oh}")))
+            .ok_or_else(|| undecodable(format!("libjpeg returned fewer pixels than {ow}x{oh}"))))
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
         Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(payload) => Err(match (payload.downcast_ref::<String>(), payload.downcast_ref::<&str>()) {
+        Ok(Err(e)) => Err(undecodable(e.to_string())),
+        Err(payload) => Err(undecodable(match (payload.downcast_ref::<String>(), payload.downcast_ref::<&str>()) {
             (Some(s), _) => s.clone(),
             (_, Some(s)) => (*s).to_string(),
             _ => "libjpeg failed".to_string(),
-        }),
+        })),
     }
 }
 
@@ -384,41 +424,65 @@ fn decode_webp(bytes: &[u8]) -> Option<RgbImage> {
 
 /// Decodes `bytes` to RGB8; a JPEG at the scale `numerator` chooses ([`decode_jpeg`]), a WebP with libwebp
 /// ([`decode_webp`]), anything else (and what those two decline, such as a CMYK JPEG) with the `image` crate at
-/// full resolution. Returns the image, the full-resolution size and the numerator (of 8) it was decoded at.
-fn decode_rgb8_inner(bytes: &[u8], ext_hint: &str, numerator: impl FnOnce(u32, u32) -> u8) -> Result<Decoded8, String> {
+/// full resolution. Every path reads the image's size from its header first and refuses one above `max_pixels`
+/// ([`check_pixels`]). Returns the image, the full-resolution size and the numerator (of 8) it was decoded at.
+fn decode_rgb8_inner(
+    bytes: &[u8],
+    ext_hint: &str,
+    max_pixels: u64,
+    numerator: impl FnOnce(u32, u32) -> u8,
+) -> Result<Decoded8, Failure> {
+    let undecodable = |d: String| (DropReason::UndecodableImage, d);
     if bytes.is_empty() {
-        return Err("empty image data".to_string());
+        return Err(undecodable("empty image data".to_string()));
     }
     let format = match image::guess_format(bytes) {
         Ok(f) => f,
-        Err(_) => ImageFormat::from_extension(ext_hint)
-            .ok_or_else(|| format!("unrecognised image data ({} bytes, extension hint `{ext_hint}`)", bytes.len()))?,
+        Err(_) => ImageFormat::from_extension(ext_hint).ok_or_else(|| {
+            undecodable(format!("unrecognised image data ({} bytes, extension hint `{ext_hint}`)", bytes.len()))
+        })?,
     };
     if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
-        return Err(format!("unsupported image format {format:?} (JPEG, PNG and WebP are supported)"));
+        return Err(undecodable(format!("unsupported image format {format:?} (JPEG, PNG and WebP are supported)")));
     }
     let mut libjpeg_error = None;
     if format == ImageFormat::Jpeg {
         if !jpeg_has_eoi(bytes) {
-            return Err(format!("truncated JPEG: no end-of-image marker FF D9 at the end of {} bytes", bytes.len()));
+            return Err(undecodable(format!(
+                "truncated JPEG: no end-of-image marker FF D9 at the end of {} bytes",
+                bytes.len()
+            )));
         }
-        match decode_jpeg(bytes, numerator) {
+        match decode_jpeg(bytes, max_pixels, numerator) {
             Ok(decoded) => return Ok(decoded),
-            Err(e) => libjpeg_error = Some(e),
+            Err((DropReason::UndecodableImage, e)) => libjpeg_error = Some(e),
+            Err(other) => return Err(other),
         }
     }
-    if format == ImageFormat::WebP
-        && let Some(img) = decode_webp(bytes).filter(|i| i.width() > 0 && i.height() > 0)
-    {
-        let size = img.dimensions();
-        return Ok((img, size, 8));
+    if format == ImageFormat::WebP {
+        if let Some(features) = webp::BitstreamFeatures::new(bytes) {
+            check_pixels(features.width(), features.height(), max_pixels)?;
+        }
+        if let Some(img) = decode_webp(bytes).filter(|i| i.width() > 0 && i.height() > 0) {
+            let size = img.dimensions();
+            return Ok((img, size, 8));
+        }
     }
-    let img = image::load_from_memory_with_format(bytes, format).map_err(|e| match &libjpeg_error {
-        Some(j) => format!("cannot decode JPEG ({} bytes): {j}; {e}", bytes.len()),
-        None => format!("cannot decode {format:?} ({} bytes): {e}", bytes.len()),
-    })?;
+    let cannot = |e: image::ImageError| match &libjpeg_error {
+        Some(j) => undecodable(format!("cannot decode JPEG ({} bytes): {j}; {e}", bytes.len())),
+        None => undecodable(format!("cannot decode {format:?} ({} bytes): {e}", bytes.len())),
+    };
+    // The header alone first: the size check comes before the decoder allocates anything.
+    let (w, h) = ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(&cannot)?;
+    check_pixels(w, h, max_pixels)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = image::Limits::default();
+    // What the size allows (RGBA at 16 bits per channel, the widest PNG the decoder produces), and no more.
+    limits.max_alloc = Some(u64::from(w) * u64::from(h) * 8 + (1 << 20));
+    reader.limits(limits);
+    let img = reader.decode().map_err(&cannot)?;
     if img.width() == 0 || img.height() == 0 {
-        return Err(format!("image has no pixels ({}x{})", img.width(), img.height()));
+        return Err(undecodable(format!("image has no pixels ({}x{})", img.width(), img.height())));
     }
     let size = (img.width(), img.height());
     Ok((img.into_rgb8(), size, 8))
@@ -612,19 +676,21 @@ mod tests {
         assert_eq!(cfg.std, [0.229, 0.224, 0.225]);
         assert!(cfg.validate().is_empty());
         assert!(cfg.jpeg_draft, "reduced-scale JPEG decoding is the default");
+        assert_eq!(cfg.max_pixels, DEFAULT_MAX_PIXELS, "Pillow's MAX_IMAGE_PIXELS");
         let bad = DecodeConfig {
             image_size: 0,
             resize_size: None,
             mean: [f32::NAN, 0.0, 0.0],
             std: [0.0, -1.0, f32::INFINITY],
             jpeg_draft: true,
+            max_pixels: 0,
         };
         let problems = bad.validate();
-        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert_eq!(problems.len(), 6, "{problems:?}");
         assert!(problems[0].contains("image_size"));
         let small_resize = DecodeConfig { resize_size: Some(200), ..DecodeConfig::default() };
         assert_eq!(small_resize.validate().len(), 1);
-        assert!(matches!(Decoder::try_new(bad), Err(Error::Config(p)) if p.len() == 5));
+        assert!(matches!(Decoder::try_new(bad), Err(Error::Config(p)) if p.len() == 6));
         assert!(Decoder::try_new(DecodeConfig::default()).is_ok());
     }
 
@@ -731,6 +797,44 @@ mod tests {
         let mut trailing = jpeg;
         trailing.extend_from_slice(b"junk");
         assert_eq!(dec.decode(raw("t", trailing, "jpg")).unwrap_err().reason, DropReason::UndecodableImage);
+    }
+
+    #[test]
+    fn decode_refuses_images_above_max_pixels_from_their_header() {
+        // Every decode path (libjpeg, libwebp, the image crate for PNG) reads the size from the header and drops
+        // an image above the limit as image_too_large, naming the size; at the limit it decodes.
+        let jpeg = encode_jpeg(&pattern(64, 48), 90);
+        let png = encode(&pattern(64, 48), ImageFormat::Png);
+        let webp = photo_bytes("farm-cat");
+        let webp_size = {
+            let f = webp::BitstreamFeatures::new(&webp).unwrap();
+            (f.width(), f.height())
+        };
+        for (name, bytes, ext, (w, h)) in
+            [("jpeg", jpeg, "jpg", (64, 48)), ("png", png, "png", (64, 48)), ("webp", webp, "webp", webp_size)]
+        {
+            let pixels = u64::from(w) * u64::from(h);
+            let tight = Decoder::new(DecodeConfig { max_pixels: pixels - 1, ..DecodeConfig::default() });
+            let err = tight.decode(raw("big", bytes.clone(), ext)).unwrap_err();
+            assert_eq!((err.key.as_str(), err.reason), ("big", DropReason::ImageTooLarge), "{name}");
+            assert!(err.detail.contains(&format!("{w}x{h} = {pixels} pixels")), "{name}: {}", err.detail);
+            assert_eq!(tight.decode_rgb8("big", &bytes, ext).unwrap_err().reason, DropReason::ImageTooLarge);
+            let exact = Decoder::new(DecodeConfig { max_pixels: pixels, ..DecodeConfig::default() });
+            assert!(exact.decode(raw("ok", bytes, ext)).is_ok(), "{name} at the limit decodes");
+        }
+        // A PNG whose header alone declares 20000 x 20000 pixels: refused from the header, nothing decoded.
+        let mut png = encode(&pattern(8, 8), ImageFormat::Png);
+        png[16..20].copy_from_slice(&20_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&20_000u32.to_be_bytes());
+        let crc = {
+            let mut c = flate2::Crc::new();
+            c.update(&png[12..29]);
+            c.sum()
+        };
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = Decoder::new(DecodeConfig::default()).decode(raw("bomb", png, "png")).unwrap_err();
+        assert_eq!(err.reason, DropReason::ImageTooLarge, "{}", err.detail);
+        assert!(err.detail.contains("20000x20000"), "{}", err.detail);
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum DropReason {
     /// The image bytes could not be decoded (corrupt or unsupported data, or a JPEG without its end marker).
     UndecodableImage,
+    /// The image's header declares more pixels than the decode limit allows
+    /// ([`crate::decode::DecodeConfig::max_pixels`]); it was not decoded.
+    ImageTooLarge,
     /// The sample has no member with a `jpg`, `jpeg`, `png` or `webp` extension.
     MissingImage,
     /// The caption member is not valid UTF-8.
@@ -37,8 +40,9 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in summary order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::UndecodableImage,
+        DropReason::ImageTooLarge,
         DropReason::MissingImage,
         DropReason::InvalidCaption,
         DropReason::Truncated,
@@ -50,6 +54,7 @@ impl DropReason {
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::UndecodableImage => "undecodable_image",
+            DropReason::ImageTooLarge => "image_too_large",
             DropReason::MissingImage => "missing_image",
             DropReason::InvalidCaption => "invalid_caption",
             DropReason::Truncated => "truncated",

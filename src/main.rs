@@ -137,6 +137,10 @@ struct RunArgs {
     /// 1/8) that still covers the crop.
     #[arg(long)]
     full_res_jpeg: bool,
+    /// Largest image in pixels (width × height from its header) that is decoded; a larger one is dropped as
+    /// `image_too_large` before any pixel memory is allocated. 0: no limit
+    #[arg(long, default_value_t = juicer::decode::DEFAULT_MAX_PIXELS)]
+    max_image_pixels: u64,
     /// Shuffle buffer in samples (0: keep the read order).
     #[arg(long, default_value_t = 0)]
     shuffle_buffer: usize,
@@ -379,6 +383,7 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
         .batch_size(args.batch_size)
         .image_size(args.image_size)
         .jpeg_draft(!args.full_res_jpeg)
+        .max_image_pixels(if args.max_image_pixels == 0 { u64::MAX } else { args.max_image_pixels })
         .patch_size(args.patch_size)
         .shuffle_buffer(args.shuffle_buffer)
         .shuffle_shards(args.shuffle_shards)

@@ -7,7 +7,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::util::{Fault, fixtures, juicer, make_shards, specs, stderr};
+use crate::util::{Fault, fixtures, juicer, make_shards, png, png_bomb, specs, stderr};
 
 const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
 const SHARD_FILES: [&str; 3] = ["gcompris-000000.tar", "gcompris-000001.tar", "gcompris-000002.tar"];
@@ -144,6 +144,36 @@ fn a_corrupt_image_is_dropped_by_default_and_fails_the_run_on_request() {
     let out = juicer(&[&base[..], &["--on-error", "fail"]].concat());
     assert!(!out.status.success(), "--on-error fail must fail the run");
     assert!(stderr(&out).contains(bad), "stderr should name {bad}:\n{}", stderr(&out));
+}
+
+#[test]
+fn a_png_bomb_is_dropped_as_image_too_large_from_its_header() {
+    // 20000 x 20000 pixels in a few hundred KB: refused before any pixel memory is allocated, the other samples
+    // emitted, and the limit is an option.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bomb = png_bomb(20_000, 20_000);
+    assert!(bomb.len() < 1 << 20, "the bomb is small: {} bytes", bomb.len());
+    let mut w = juicer::source::ShardWriter::new(dir.path(), "bomb", usize::MAX, u64::MAX).expect("writer");
+    for i in 0..4 {
+        let image = if i == 1 { bomb.clone() } else { png(i, 40, 30) };
+        w.write(&format!("k{i}"), &[("png", &image), ("txt", b"a caption")]).expect("write");
+    }
+    let shard = w.finish().expect("finish").remove(0).display().to_string();
+    let base = ["run", shard.as_str(), "--jsonl", "-", "--device", "cpu", "--image-size", "32"];
+
+    let out = juicer(&base);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let recs = records(&out);
+    let dropped: Vec<&Value> = recs.iter().filter(|r| r.get("dropped").is_some()).collect();
+    assert_eq!(dropped.len(), 1, "{recs:?}");
+    assert_eq!((dropped[0]["key"].as_str(), dropped[0]["dropped"].as_str()), (Some("k1"), Some("image_too_large")));
+    assert!(dropped[0].to_string().contains("20000x20000"), "the record names the size: {}", dropped[0]);
+    assert!(summary_line(&out).contains("read 4 = emitted 3 + dropped 1"), "{}", summary_line(&out));
+
+    // A limit below the good images' 1,200 pixels drops them all; 0 lifts the limit (not decoded here: the
+    // bomb would take 1.2 GB).
+    let out = juicer(&[&base[..], &["--max-image-pixels", "1000"]].concat());
+    assert!(summary_line(&out).contains("read 4 = emitted 0 + dropped 4"), "{}", summary_line(&out));
 }
 
 #[test]

@@ -24,6 +24,36 @@ pub fn jpeg(i: usize, w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// A real PNG bomb: a valid 8-bit greyscale PNG of `w`×`h` black pixels, compressed to a few hundred KB
+/// (20000 × 20000 decodes to 400 MB of grey, 1.2 GB as RGB). Built streaming: the rows are never held in memory.
+pub fn png_bomb(w: u32, h: u32) -> Vec<u8> {
+    use std::io::Write;
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        out.extend_from_slice(&crc.sum().to_be_bytes());
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 0, 0, 0, 0]); // 8 bits, greyscale, deflate, no filter, no interlace
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    let row = vec![0u8; w as usize + 1]; // filter byte 0, then the row
+    for _ in 0..h {
+        z.write_all(&row).expect("deflate");
+    }
+    let idat = z.finish().expect("deflate");
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &ihdr);
+    chunk(&mut out, b"IDAT", &idat);
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
 /// Fault kinds for [`make_shards`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Fault {

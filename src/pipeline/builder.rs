@@ -77,6 +77,9 @@ impl JuicerBuilder {
     verb!(/// Decode JPEGs at a reduced DCT scale when the crop allows (default on; see
         /// [`crate::decode::DecodeConfig::jpeg_draft`]).
         jpeg_draft: bool => decode.jpeg_draft);
+    verb!(/// Largest image in pixels that is decoded; a larger one is dropped as `image_too_large` before any pixel
+        /// is allocated (default Pillow's 89,478,485; see [`crate::decode::DecodeConfig::max_pixels`]).
+        max_image_pixels: u64 => decode.max_pixels);
     verb!(/// Patch side in pixels.
         patch_size: usize => patch_size);
     verb!(/// Device for the batches.
