@@ -165,7 +165,7 @@ pub mod write;
 pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
-pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, Summary};
+pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, ShardFailure, Summary};
 pub use plan::{ElasticState, EpochSize, LoaderState, SampleRange, World};
 pub use sample::{Class, Decoded, JuicedSample, RawSample, SourcePos};
 pub use vision::ScorerSpec;

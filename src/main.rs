@@ -520,6 +520,9 @@ fn run(cmd: RunCmd) -> anyhow::Result<()> {
     let mut checkpointed = false;
     while let Some(item) = it.next() {
         let dropped = it.take_dropped();
+        for e in dropped.iter().filter(|e| e.reason == juicer::DropReason::UnreadableShard) {
+            eprintln!("warning: unreadable shard `{}`: {}", e.key, e.detail);
+        }
         if let Some(w) = out.as_mut() {
             for e in &dropped {
                 write_record(&mut *w, &record_dropped(e))?;
@@ -634,6 +637,13 @@ fn print_summary(s: &Summary, shards: &[String], loader: &juicer::Juicer<JuicedB
     }
     for (reason, n) in &s.dropped {
         eprintln!("  dropped  {reason:<18} {n}");
+    }
+    let unreadable = s.dropped.get(juicer::DropReason::UnreadableShard.as_str()).copied().unwrap_or(0);
+    for f in &s.unreadable_shards {
+        eprintln!("  unreadable shard  {}: {}", f.shard, f.reason);
+    }
+    if unreadable > s.unreadable_shards.len() as u64 {
+        eprintln!("  unreadable shard  ... and {} more", unreadable - s.unreadable_shards.len() as u64);
     }
     eprintln!();
     eprintln!(

@@ -177,6 +177,46 @@ fn a_png_bomb_is_dropped_as_image_too_large_from_its_header() {
 }
 
 #[test]
+fn a_random_bytes_shard_is_named_once_on_stderr_and_the_good_shards_are_emitted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut shards = specs(&make_shards(dir.path(), &[5, 4], |_| Fault::None));
+    let junk = dir.path().join("junk-000001.tar");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..20_000)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect();
+    std::fs::write(&junk, bytes).expect("write junk");
+    let empty = dir.path().join("empty.tar");
+    std::fs::write(&empty, b"").expect("write empty");
+    shards.insert(1, junk.display().to_string());
+    shards.push(empty.display().to_string());
+    let mut args = vec!["run", "--jsonl", "-", "--device", "cpu", "--image-size", "32"];
+    args.extend(shards.iter().map(String::as_str));
+
+    let out = juicer(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: unreadable shard")).collect();
+    assert_eq!(warnings.len(), 2, "one warning per bad shard:\n{err}");
+    let junk_name = junk.display().to_string();
+    assert!(warnings.iter().any(|w| w.contains(&junk_name) && w.contains("not a tar archive")), "{warnings:?}");
+    let recs = records(&out);
+    let dropped: Vec<&Value> = recs.iter().filter(|r| r.get("dropped").is_some()).collect();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert!(dropped.iter().all(|r| r["dropped"] == "unreadable_shard"), "{dropped:?}");
+    assert!(dropped.iter().any(|r| r["key"] == junk_name.as_str()), "the record names the shard: {dropped:?}");
+    let emitted = recs.iter().filter(|r| r.get("dropped").is_none()).count();
+    assert_eq!(emitted, 9, "every sample of the good shards");
+    assert!(summary_line(&out).contains("read 11 = emitted 9 + dropped 2"), "{}", summary_line(&out));
+    assert!(err.lines().any(|l| l.contains("unreadable shard") && l.contains(&junk_name) && !l.starts_with("warning")));
+}
+
+#[test]
 fn limit_stops_after_n_samples() {
     let out = juicer(&["run", SHARDS, "--jsonl", "-", "--device", "cpu", "--limit", "10"]);
     let recs = records(&out);

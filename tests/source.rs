@@ -227,7 +227,9 @@ fn truncated_inside_last_member_is_never_a_short_sample() {
             match item {
                 Ok(_) => assert_eq!(view(item), whole[i], "cut {cut}"),
                 Err(e) => {
-                    assert_eq!(e.reason, DropReason::Truncated, "cut {cut}");
+                    // Cut inside the first header: nothing in the file is a tar header, so the shard is unreadable.
+                    let expected = if cut < 512 { DropReason::UnreadableShard } else { DropReason::Truncated };
+                    assert_eq!(e.reason, expected, "cut {cut}");
                     assert_eq!(i, items.len() - 1, "the reader ends after a truncated item");
                 }
             }

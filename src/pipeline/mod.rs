@@ -33,10 +33,10 @@ pub use builder::JuicerBuilder;
 pub use config::{Config, LastStage};
 use models::Models;
 use sink::Output;
-pub use sink::Summary;
+pub use sink::{MAX_LISTED_SHARD_FAILURES, ShardFailure, Summary};
 use topology::EpochSetup;
 
-use crate::error::{Error, Result, SampleError};
+use crate::error::{DropReason, Error, Result, SampleError};
 use crate::graph::{Run, StageSnapshot};
 use crate::plan::{ElasticState, LoaderState, ShardPlan, World};
 use crate::reader::Tasks;
@@ -394,6 +394,7 @@ impl<O: Send + 'static> Juicer<O> {
             score_cache: s.models.score_cache.clone(),
             state: first_state,
             dropped: Vec::new(),
+            unreadable: Vec::new(),
             started: Instant::now(),
             total,
             finished: false,
@@ -409,6 +410,8 @@ pub struct JuicerIter<O> {
     score_cache: Option<Arc<ScoreCache>>,
     state: LoaderState,
     dropped: Vec<SampleError>,
+    /// The first unreadable shards ([`Summary::unreadable_shards`]).
+    unreadable: Vec<ShardFailure>,
     started: Instant,
     total: Option<u64>,
     finished: bool,
@@ -448,6 +451,16 @@ impl<O> JuicerIter<O> {
             score_cache: self.score_cache.as_ref().map(|c| c.stats()),
             elapsed: self.started.elapsed(),
             stages: self.run.metrics(),
+            unreadable_shards: self.unreadable.clone(),
+        }
+    }
+
+    /// Notes the unreadable shards among `dropped` for the summary.
+    fn note_unreadable<'a>(&mut self, dropped: impl IntoIterator<Item = &'a SampleError>) {
+        for e in dropped {
+            if e.reason == DropReason::UnreadableShard && self.unreadable.len() < MAX_LISTED_SHARD_FAILURES {
+                self.unreadable.push(ShardFailure { shard: e.key.clone(), reason: e.detail.clone() });
+            }
         }
     }
 
@@ -473,15 +486,20 @@ impl<O> JuicerIter<O> {
         match out? {
             Output::Batch { batch, dropped, state } => {
                 self.state = *state;
+                self.note_unreadable(&dropped);
                 self.dropped.extend(dropped);
                 Some(Ok(batch))
             }
             Output::Error { error, state } => {
                 self.state = *state;
+                if let Error::Sample(e) = &error {
+                    self.note_unreadable([e]);
+                }
                 Some(Err(error))
             }
             Output::End { dropped, state } => {
                 self.state = *state;
+                self.note_unreadable(&dropped);
                 self.dropped.extend(dropped);
                 self.finished = true;
                 None

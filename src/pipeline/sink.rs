@@ -174,6 +174,21 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Per-stage counters.
     pub stages: Vec<StageSnapshot>,
+    /// The first [`MAX_LISTED_SHARD_FAILURES`] shards that could not be opened or parsed (each also counted once
+    /// under `unreadable_shard` in `dropped`), in the order they failed.
+    pub unreadable_shards: Vec<ShardFailure>,
+}
+
+/// How many unreadable shards [`Summary::unreadable_shards`] lists by name (all are counted).
+pub const MAX_LISTED_SHARD_FAILURES: usize = 10;
+
+/// A shard that could not be opened or parsed, and why (`not a tar archive: …`, `HTTP 404`, …).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ShardFailure {
+    /// The shard's name (path or URL).
+    pub shard: String,
+    /// What went wrong.
+    pub reason: String,
 }
 
 impl Summary {

@@ -13,7 +13,9 @@
 //! Failure rules (stricter than `tarfile`, so that a cut shard never yields a silently incomplete sample): a member
 //! or its padding cut short, a corrupt or cut header, a read error, or input that ends without the end-of-archive
 //! marker make the sample in progress one `Truncated` item (key `"<shard>#<index>"` when no sample was in
-//! progress), after which the reader ends.
+//! progress), after which the reader ends. Input whose very first block is not a tar header (random bytes, an
+//! HTML page, a corrupt gzip stream, an empty file) is one `UnreadableShard` item keyed by the shard's name
+//! instead: the shard is not a tar archive at all, nothing in it was cut.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read};
@@ -157,6 +159,9 @@ struct Walker<M> {
     ended: bool,
     /// Byte offset of the end-of-archive marker, once seen.
     end_at: Option<u64>,
+    /// Whether a valid tar header (or the end-of-archive marker) has been read: until then, a failure means the
+    /// input is not a tar archive at all rather than one cut short.
+    seen_header: bool,
 }
 
 impl<M: Medium> Walker<M> {
@@ -231,6 +236,7 @@ impl<M: Medium> Walker<M> {
                 return Err(format!("shard cut inside a tar header at byte {at} ({got} of 512 bytes)"));
             }
             if block.iter().all(|&b| b == 0) {
+                self.seen_header = true;
                 self.ended = true;
                 self.end_at = Some(at);
                 return Ok(None);
@@ -245,6 +251,7 @@ impl<M: Medium> Walker<M> {
             if stored != computed {
                 return Err(format!("corrupt tar header at byte {at}: checksum mismatch"));
             }
+            self.seen_header = true;
             let header_size = header.entry_size().map_err(|e| format!("corrupt tar header at byte {at}: {e}"))?;
             let size = pax_size.take().unwrap_or(header_size);
             let kind = header.entry_type().as_byte();
@@ -398,7 +405,7 @@ impl<M: Medium> TarSamples<M> {
 
     fn bare(medium: M, shard: String, pos: u64, offsets: bool) -> Self {
         Self {
-            walker: Walker { medium, shard, pos, ended: false, end_at: None },
+            walker: Walker { medium, shard, pos, ended: false, end_at: None, seen_header: false },
             pending: None,
             index: 0,
             done: false,
@@ -525,6 +532,17 @@ impl<M: Medium> TarSamples<M> {
                 Ok(None) => {
                     self.done = true;
                     return None;
+                }
+                Err(detail) if index == 0 && self.walker.pos <= BLOCK && !self.walker.seen_header => {
+                    // Nothing at the start of the input parses as tar: the whole shard is unreadable (random
+                    // bytes, an HTML error page, a corrupt gzip stream), not a sample cut short.
+                    self.done = true;
+                    let shard = self.walker.shard.clone();
+                    return Some(Err(SampleError::new(
+                        shard,
+                        DropReason::UnreadableShard,
+                        format!("not a tar archive: {detail}"),
+                    )));
                 }
                 Err(detail) => {
                     self.done = true;
@@ -681,12 +699,14 @@ mod tests {
         assert!(err.detail.contains("mem.tar") && err.detail.contains("checksum"), "{}", err.detail);
         assert_eq!(count(bytes.clone()), 1);
         assert_eq!(read_all(bytes, 1).len(), 0);
-        // Corrupt first header: key is "<shard>#0".
+        // Corrupt first header: nothing parses as tar, so the whole shard is unreadable, keyed by its name.
         let mut bytes = tar_bytes(&[("a.jpg", b"A")]);
         bytes[3] ^= 0x55;
         let items = read_all(bytes.clone(), 0);
         assert_eq!(items.len(), 1);
-        assert_eq!(items[0].as_ref().unwrap_err().key, "mem.tar#0");
+        let err = items[0].as_ref().unwrap_err();
+        assert_eq!((err.key.as_str(), err.reason), ("mem.tar", DropReason::UnreadableShard));
+        assert!(err.detail.starts_with("not a tar archive: ") && err.detail.contains("checksum"), "{}", err.detail);
         assert_eq!(count(bytes), 1);
     }
 
@@ -715,9 +735,12 @@ mod tests {
         // Without the end marker but otherwise whole: still not trusted.
         let whole = bytes.len() - 1024;
         assert!(read_all(bytes[..whole].to_vec(), 0)[0].is_err());
-        // An empty file is one truncated item named after the shard.
-        let items = read_all(Vec::new(), 0);
-        assert_eq!(items[0].as_ref().unwrap_err().key, "mem.tar#0");
+        // An empty file, or one shorter than a header, is an unreadable shard named after the shard.
+        for short in [Vec::new(), bytes[..300].to_vec()] {
+            let items = read_all(short, 0);
+            let err = items[0].as_ref().unwrap_err();
+            assert_eq!((err.key.as_str(), err.reason), ("mem.tar", DropReason::UnreadableShard));
+        }
         // The full archive reads fine.
         assert!(read_all(bytes, 0)[0].is_ok());
     }
