@@ -4,7 +4,7 @@
 //! Measured per MobileNetV2 forward on one core (micro-batch 4, BatchNorms folded), burn's `flex` backend spent
 //! 10.3 of 26.7 ms in its depthwise convolutions (about 2 GMAC/s: it walks each channel's plane once per kernel
 //! tap, mostly in short rows of 7–56 values) and another 2.2 ms in the ReLU6 pass after them. The 1×1
-//! convolutions, which burn runs as GEMMs, hold up well; this module replaces only the depthwise layers.
+//! convolutions and the stem run on host memory beside it ([`super::pointwise`]).
 //!
 //! # How
 //! Each channel plane is copied once into a zero-padded buffer; every output value is then the bias plus 9
@@ -20,7 +20,6 @@
 //! is 1 on every side, as in every depthwise layer of MobileNetV2. The result equals burn's `conv2d` + ReLU6 up
 //! to float rounding (the summation order differs; a test checks every layer shape of the model).
 
-use burn::tensor::{Device, Tensor, TensorData};
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
@@ -40,33 +39,14 @@ pub struct HostDepthwise {
 }
 
 impl HostDepthwise {
-    /// `relu6(conv2d(x', weight, bias, stride, padding 1, groups = channels))` for `x` `[N, C, H, W]`, where `x'`
-    /// is `relu6(x)` with [`HostDepthwise::input_relu6`], else `x`.
-    ///
-    /// # Shapes
-    /// - `x`: `[batch, channels, height, width]`
-    /// - output: `[batch, channels, (height - 1) / stride + 1, (width - 1) / stride + 1]`
-    ///
-    /// # Panics
-    /// If `x` does not have `self.bias.len()` channels or is not `f32`: both are fixed by the model's
-    /// construction, not by input data.
-    pub fn forward(&self, x: Tensor<4>, device: &Device) -> Tensor<4> {
-        let [n, c, h, w] = x.dims();
-        let data = x.into_data();
-        #[allow(clippy::expect_used)] // the model only ever builds f32 activations
-        let input = data.as_slice::<f32>().expect("f32 activations");
-        let out = self.apply(input, n, c, h, w);
-        let (oh, ow) = self.output_size(h, w);
-        Tensor::from_data(TensorData::new(out, [n, c, oh, ow]), device)
-    }
-
     /// Output height and width for an `h`×`w` input.
     pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
         (h.saturating_sub(1) / self.stride + 1, w.saturating_sub(1) / self.stride + 1)
     }
 
-    /// [`HostDepthwise::forward`] on host memory: `x` is `[n, c, h, w]` row-major, the result
-    /// `[n, c, oh, ow]` ([`HostDepthwise::output_size`]).
+    /// `relu6(conv2d(x', weight, bias, stride, padding 1, groups = channels))` for `x` `[n, c, h, w]` row-major,
+    /// where `x'` is `relu6(x)` with [`HostDepthwise::input_relu6`], else `x`; the result is `[n, c, oh, ow]`
+    /// ([`HostDepthwise::output_size`]).
     ///
     /// # Panics
     /// If `x` does not have `n · c · h · w` values with `c == self.bias.len()`, or `h` or `w` is 0: fixed by the
@@ -265,7 +245,7 @@ mod tests {
     use burn::module::Param;
     use burn::nn::PaddingConfig2d;
     use burn::nn::conv::Conv2dConfig;
-    use burn::tensor::Distribution;
+    use burn::tensor::{Device, Distribution, Tensor, TensorData};
 
     /// burn's conv2d (groups = channels, padding 1) + bias, then ReLU6.
     fn reference(x: Tensor<4>, dw: &HostDepthwise, device: &Device) -> Tensor<4> {
@@ -308,7 +288,11 @@ mod tests {
                 Tensor::<1>::random([c], Distribution::Normal(0.0, 1.0), &device).into_data().try_to_vec().unwrap();
             for input_relu6 in [false, true] {
                 let dw = HostDepthwise { weight: weight.clone(), bias: bias.clone(), stride, input_relu6 };
-                let ours = dw.forward(x.clone(), &device);
+                let [n, _, h, w] = x.dims();
+                let (oh, ow) = dw.output_size(h, w);
+                let input: Vec<f32> = x.clone().into_data().try_to_vec().unwrap();
+                let ours =
+                    Tensor::<4>::from_data(TensorData::new(dw.apply(&input, n, c, h, w), [n, c, oh, ow]), &device);
                 let theirs = reference(x.clone(), &dw, &device);
                 assert_eq!(ours.dims(), theirs.dims(), "{c}x{side} stride {stride}");
                 let diff: f32 = (ours - theirs).abs().max().into_scalar();

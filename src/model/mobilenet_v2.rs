@@ -303,31 +303,32 @@ fn relu6(x: Tensor<4>) -> Tensor<4> {
     relu(x).clamp_max(6.0)
 }
 
-/// A folded depthwise conv's weights on the host, when the model lives on the CPU backend (where the host kernel
-/// is faster than burn's; module docs); `input_relu6` when the expansion's ReLU6 is to be fused into it. `None`
-/// on a GPU, or if the weights cannot be read as f32.
-fn host_depthwise(conv: &Conv2d, input_relu6: bool) -> Option<HostDepthwise> {
+/// A folded conv's weights (`[cout, cin/groups, kh, kw]` flattened) and bias on the host, when the model lives on the
+/// CPU backend, where the host kernels are faster than burn's (module docs); `None` on a GPU, before folding (no
+/// bias yet), or if the weights cannot be read as f32.
+fn host_weights(conv: &Conv2d) -> Option<([usize; 4], Vec<f32>, Vec<f32>)> {
     let weight = conv.weight.val();
     if weight.device() != Device::flex() {
         return None;
     }
+    let dims = weight.dims();
     let bias = conv.bias.as_ref()?.val().into_data().try_to_vec::<f32>().ok()?;
     let weight = weight.into_data().try_to_vec::<f32>().ok()?;
+    Some((dims, weight, bias))
+}
+
+/// A folded depthwise 3×3 conv as the host kernel ([`host_weights`]); `input_relu6` when the expansion's ReLU6 is
+/// to be fused into it.
+fn host_depthwise(conv: &Conv2d, input_relu6: bool) -> Option<HostDepthwise> {
+    let (_, weight, bias) = host_weights(conv)?;
     (weight.len() == 9 * bias.len()).then(|| HostDepthwise { weight, bias, stride: conv.stride[0], input_relu6 })
 }
 
-/// A folded `kernel`×`kernel` conv's weights on the host as `[cout, cin·kernel²]` (`relu6`: apply ReLU6 to its
-/// output), when the model lives on the CPU backend; `None` on a GPU, before folding, for another kernel size or
-/// grouped conv, or if the weights cannot be read as f32.
+/// A folded `kernel`×`kernel` conv as a host GEMM with weights `[cout, cin·kernel²]` ([`host_weights`];
+/// `relu6`: apply ReLU6 to its output); `None` for another kernel size or a grouped conv.
 fn host_conv(conv: &Conv2d, kernel: usize, relu6: bool) -> Option<HostPointwise> {
-    let weight = conv.weight.val();
-    if weight.device() != Device::flex() || conv.groups != 1 {
-        return None;
-    }
-    let [cout, cin, kh, kw] = weight.dims();
-    let bias = conv.bias.as_ref()?.val().into_data().try_to_vec::<f32>().ok()?;
-    let weight = weight.into_data().try_to_vec::<f32>().ok()?;
-    (kh == kernel && kw == kernel && weight.len() == cout * cin * kernel * kernel && bias.len() == cout)
+    let ([cout, cin, kh, kw], weight, bias) = host_weights(conv)?;
+    (conv.groups == 1 && kh == kernel && kw == kernel && weight.len() == cout * cin * kernel * kernel)
         .then_some(HostPointwise { weight, bias, relu6 })
 }
 

@@ -533,7 +533,7 @@ impl<M: Medium> TarSamples<M> {
                     self.done = true;
                     return None;
                 }
-                Err(detail) if index == 0 && self.walker.pos <= BLOCK && !self.walker.seen_header => {
+                Err(detail) if !self.walker.seen_header => {
                     // Nothing at the start of the input parses as tar: the whole shard is unreadable (random
                     // bytes, an HTML error page, a corrupt gzip stream), not a sample cut short.
                     self.done = true;
