@@ -27,8 +27,14 @@ pub enum DropReason {
     ImageTooLarge,
     /// The sample has no member with a `jpg`, `jpeg`, `png` or `webp` extension.
     MissingImage,
+    /// A member is larger than its limit (image, caption or metadata bytes; see
+    /// [`crate::source::ReadLimits`]); its data was not read.
+    MemberTooLarge,
     /// The caption member is not valid UTF-8.
     InvalidCaption,
+    /// The metadata member is not valid JSON, or nests deeper than
+    /// [`crate::source::ReadLimits::max_json_depth`].
+    InvalidMeta,
     /// The shard ended (or the connection broke) inside one of the sample's members.
     Truncated,
     /// A stage failed on this sample for another reason (the message is in the detail).
@@ -40,11 +46,13 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in summary order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::UndecodableImage,
         DropReason::ImageTooLarge,
         DropReason::MissingImage,
+        DropReason::MemberTooLarge,
         DropReason::InvalidCaption,
+        DropReason::InvalidMeta,
         DropReason::Truncated,
         DropReason::StageFailed,
         DropReason::UnreadableShard,
@@ -56,7 +64,9 @@ impl DropReason {
             DropReason::UndecodableImage => "undecodable_image",
             DropReason::ImageTooLarge => "image_too_large",
             DropReason::MissingImage => "missing_image",
+            DropReason::MemberTooLarge => "member_too_large",
             DropReason::InvalidCaption => "invalid_caption",
+            DropReason::InvalidMeta => "invalid_meta",
             DropReason::Truncated => "truncated",
             DropReason::StageFailed => "stage_failed",
             DropReason::UnreadableShard => "unreadable_shard",

@@ -141,6 +141,19 @@ struct RunArgs {
     /// `image_too_large` before any pixel memory is allocated. 0: no limit
     #[arg(long, default_value_t = juicer::decode::DEFAULT_MAX_PIXELS)]
     max_image_pixels: u64,
+    /// Largest member (the image; after gzip) read into memory, in bytes; a larger one drops its sample as
+    /// `member_too_large` without being read.
+    #[arg(long, default_value_t = juicer::source::limits::DEFAULT_MAX_MEMBER_BYTES)]
+    max_member_bytes: u64,
+    /// Largest caption in bytes (`member_too_large` above it).
+    #[arg(long, default_value_t = juicer::source::limits::DEFAULT_MAX_CAPTION_BYTES)]
+    max_caption_bytes: u64,
+    /// Largest metadata (.json) document in bytes (`member_too_large` above it).
+    #[arg(long, default_value_t = juicer::source::limits::DEFAULT_MAX_META_BYTES)]
+    max_meta_bytes: u64,
+    /// Deepest nesting of arrays and objects in a metadata document (`invalid_meta` above it).
+    #[arg(long, default_value_t = juicer::source::limits::DEFAULT_MAX_JSON_DEPTH)]
+    max_json_depth: usize,
     /// Shuffle buffer in samples (0: keep the read order).
     #[arg(long, default_value_t = 0)]
     shuffle_buffer: usize,
@@ -384,6 +397,10 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
         .image_size(args.image_size)
         .jpeg_draft(!args.full_res_jpeg)
         .max_image_pixels(if args.max_image_pixels == 0 { u64::MAX } else { args.max_image_pixels })
+        .max_member_bytes(args.max_member_bytes)
+        .max_caption_bytes(args.max_caption_bytes)
+        .max_meta_bytes(args.max_meta_bytes)
+        .max_json_depth(args.max_json_depth)
         .patch_size(args.patch_size)
         .shuffle_buffer(args.shuffle_buffer)
         .shuffle_shards(args.shuffle_shards)

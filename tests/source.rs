@@ -259,7 +259,7 @@ fn bad_samples_are_one_error_each_and_skip_matches() {
         View::Ok { key: "ok1".into(), image: b"1".to_vec(), ext: "jpg".into(), caption: None },
         View::Err { key: "noimg".into(), reason: DropReason::MissingImage },
         View::Err { key: "badcap".into(), reason: DropReason::InvalidCaption },
-        View::Err { key: "badjson".into(), reason: DropReason::StageFailed },
+        View::Err { key: "badjson".into(), reason: DropReason::InvalidMeta },
         View::Ok { key: "ok2".into(), image: b"4".to_vec(), ext: "jpeg".into(), caption: None },
     ];
     assert_eq!(views(&items), expect);
@@ -721,6 +721,23 @@ fn cut_or_corrupt_gzip_ends_the_shard_with_a_truncated_sample_naming_it() {
         assert_eq!(good, local_views(&data)[..good.len()].to_vec(), "{name}");
         assert!(items.len() <= 5);
     }
+}
+
+#[test]
+fn a_gzip_shard_corrupt_from_its_start_is_one_unreadable_shard_saying_so() {
+    let gz = gzip(&five_samples());
+    let dir = tempfile::tempdir().unwrap();
+    // The gzip magic, then a broken header: nothing decompresses.
+    let mut bytes = gz[..2].to_vec();
+    bytes.extend_from_slice(&[0x42; 64]);
+    let path = dir.path().join("broken.tar.gz");
+    std::fs::write(&path, &bytes).unwrap();
+    let name = path.display().to_string();
+    let items = read(&Shard::Tar(name.clone()), 0);
+    assert_eq!(items.len(), 1);
+    let Err(e) = &items[0] else { panic!("a sample from a corrupt stream") };
+    assert_eq!((e.key.as_str(), e.reason), (name.as_str(), DropReason::UnreadableShard));
+    assert!(e.detail.starts_with("gzip stream corrupt: "), "{}", e.detail);
 }
 
 #[test]

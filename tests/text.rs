@@ -1,7 +1,7 @@
 //! The text branch inside the pipeline: enriched captions and CLIP tokens in every batch.
 
 use juicer::text::tokenizer::{CONTEXT, EOT, SOT};
-use juicer::{DeviceSpec, JuicedBatch, JuicerBuilder};
+use juicer::{DeviceSpec, DropReason, JuicedBatch, JuicerBuilder};
 
 use crate::util::{fixtures, png};
 use juicer::source::ShardWriter;
@@ -78,7 +78,19 @@ fn huge_empty_and_broken_captions_never_panic() {
     w.write("none", &[("png", &img)]).unwrap();
     w.write("broken", &[("png", &img), ("txt", b"caf\xe9")]).unwrap();
     let shards: Vec<String> = w.finish().unwrap().iter().map(|p| p.display().to_string()).collect();
-    let loader = JuicedBatch::builder(shards).device(DeviceSpec::Cpu).batch_size(8).shuffle_buffer(0).build().unwrap();
+    let builder = || JuicedBatch::builder(shards.clone()).device(DeviceSpec::Cpu).batch_size(8).shuffle_buffer(0);
+    // By default a caption above 64 KiB is refused before it is read.
+    let mut it = builder().build().unwrap().iter().unwrap();
+    let b = it.next().unwrap().unwrap();
+    assert_eq!(b.keys, vec!["empty", "none"]);
+    assert!(it.next().is_none());
+    let dropped = it.take_dropped();
+    let reasons: Vec<_> = dropped.iter().map(|e| (e.key.as_str(), e.reason)).collect();
+    assert_eq!(reasons, [("huge", DropReason::MemberTooLarge), ("broken", DropReason::InvalidCaption)]);
+    assert!(dropped[0].detail.contains("max_caption_bytes"), "{}", dropped[0].detail);
+    drop(it);
+    // Allowed in, the 1 MB caption goes through the tokenizer.
+    let loader = builder().max_caption_bytes(2 << 20).build().unwrap();
     let mut it = loader.iter().unwrap();
     let b = it.next().unwrap().unwrap();
     assert_eq!(b.keys, vec!["huge", "empty", "none"]);
@@ -94,5 +106,5 @@ fn huge_empty_and_broken_captions_never_panic() {
     assert!(it.next().is_none());
     let dropped = it.take_dropped();
     assert_eq!(dropped.len(), 1);
-    assert_eq!((dropped[0].key.as_str(), dropped[0].reason), ("broken", juicer::DropReason::InvalidCaption));
+    assert_eq!((dropped[0].key.as_str(), dropped[0].reason), ("broken", DropReason::InvalidCaption));
 }

@@ -80,6 +80,15 @@ impl JuicerBuilder {
     verb!(/// Largest image in pixels that is decoded; a larger one is dropped as `image_too_large` before any pixel
         /// is allocated (default Pillow's 89,478,485; see [`crate::decode::DecodeConfig::max_pixels`]).
         max_image_pixels: u64 => decode.max_pixels);
+    verb!(/// Largest member (image; after gzip) read into memory; a larger one drops its sample as
+        /// `member_too_large` before any byte of it is read (see [`crate::source::ReadLimits`]).
+        max_member_bytes: u64 => read.limits.max_member_bytes);
+    verb!(/// Largest caption in bytes (`member_too_large` above it).
+        max_caption_bytes: u64 => read.limits.max_caption_bytes);
+    verb!(/// Largest metadata (`.json`) document in bytes (`member_too_large` above it).
+        max_meta_bytes: u64 => read.limits.max_meta_bytes);
+    verb!(/// Deepest nesting of a metadata document (`invalid_meta` above it).
+        max_json_depth: usize => read.limits.max_json_depth);
     verb!(/// Patch side in pixels.
         patch_size: usize => patch_size);
     verb!(/// Device for the batches.

@@ -139,6 +139,7 @@ impl Config {
     /// Every problem with this configuration (empty when valid).
     pub fn problems(&self) -> Vec<String> {
         let mut p = self.decode.validate();
+        p.extend(self.read.limits.validate());
         p.extend(self.vision.problems());
         p.extend(self.text.problems());
         if self.batch_size == 0 {

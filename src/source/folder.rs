@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::limits::{ReadLimits, Role};
 use super::tar::is_image_ext;
 use crate::error::{DropReason, Error, Result, SampleError};
 use crate::sample::RawSample;
@@ -120,14 +121,15 @@ pub(crate) struct FolderReader {
     shard: FolderShard,
     name: String,
     next: usize,
+    limits: ReadLimits,
 }
 
 impl FolderReader {
-    /// Starts at entry `skip` of the shard.
-    pub(crate) fn new(shard: FolderShard, skip: usize) -> Self {
+    /// Starts at entry `skip` of the shard; images and captions above `limits` drop their sample.
+    pub(crate) fn new(shard: FolderShard, skip: usize, limits: ReadLimits) -> Self {
         let next = shard.range.start.saturating_add(skip).min(shard.range.end);
         let name = shard.name();
-        Self { shard, name, next }
+        Self { shard, name, next, limits }
     }
 
     fn read(&self, entry: &FolderEntry) -> Result<RawSample, SampleError> {
@@ -142,10 +144,25 @@ impl FolderReader {
             return Err(SampleError::new(entry.key.clone(), DropReason::MissingImage, detail));
         }
         let path = self.shard.root.join(&entry.image);
-        let image = std::fs::read(&path).map_err(|e| {
-            let detail = format!("shard `{}` line {}: cannot read `{}`: {e}", self.name, entry.line, path.display());
+        let at = format!("shard `{}` line {}", self.name, entry.line);
+        let too_large = |detail: String| SampleError::new(entry.key.clone(), DropReason::MemberTooLarge, detail);
+        if let Some(caption) = &entry.caption {
+            let size = caption.len() as u64;
+            if let Some(d) = self.limits.too_large(Role::Caption, "the caption", Some(size)) {
+                return Err(too_large(format!("{at}: {d}")));
+            }
+        }
+        let cannot_read = |e: std::io::Error| {
+            let detail = format!("{at}: cannot read `{}`: {e}", path.display());
             SampleError::new(entry.key.clone(), DropReason::MissingImage, detail)
-        })?;
+        };
+        // The size on disk is checked before the file is read.
+        let size = std::fs::metadata(&path).map_err(cannot_read)?.len();
+        let what = format!("image `{}`", path.display());
+        if let Some(d) = self.limits.too_large(Role::Image, &what, Some(size)) {
+            return Err(too_large(format!("{at}: {d}")));
+        }
+        let image = std::fs::read(&path).map_err(cannot_read)?;
         Ok(RawSample {
             key: entry.key.clone(),
             image: Bytes::from(image),
@@ -198,18 +215,43 @@ mod tests {
         assert_eq!(shards[0].entries[0].key, "img/a");
         assert_eq!(shards[0].entries[1].key, "kb");
         assert_eq!(shards[0].entries[1].line, 3);
-        let items: Vec<_> = FolderReader::new(shards[0].clone(), 0).collect();
+        let items: Vec<_> = FolderReader::new(shards[0].clone(), 0, ReadLimits::default()).collect();
         let a = items[0].as_ref().unwrap();
         assert_eq!((&a.image[..], a.image_ext.as_str(), a.caption.as_deref()), (&b"AAA"[..], "jpg", Some("A")));
         assert_eq!(a.meta.as_ref().unwrap()["image"], "img/a.jpg");
         let b = items[1].as_ref().unwrap();
         assert_eq!((b.key.as_str(), b.image_ext.as_str(), b.caption.as_deref()), ("kb", "png", None));
-        let items: Vec<_> = FolderReader::new(shards[1].clone(), 0).collect();
+        let items: Vec<_> = FolderReader::new(shards[1].clone(), 0, ReadLimits::default()).collect();
         let err = items[0].as_ref().unwrap_err();
         assert_eq!((err.key.as_str(), err.reason), ("c", DropReason::MissingImage));
         assert!(err.detail.contains("captions.jsonl[2..3]"), "{}", err.detail);
-        assert_eq!(FolderReader::new(shards[0].clone(), 1).count(), 1);
-        assert_eq!(FolderReader::new(shards[0].clone(), 5).count(), 0);
+        assert_eq!(FolderReader::new(shards[0].clone(), 1, ReadLimits::default()).count(), 1);
+        assert_eq!(FolderReader::new(shards[0].clone(), 5, ReadLimits::default()).count(), 0);
+    }
+
+    #[test]
+    fn images_and_captions_above_their_limits_drop_their_sample() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = dir.path().join("captions.jsonl");
+        std::fs::write(
+            &jsonl,
+            "{\"image\": \"a.jpg\", \"caption\": \"short\"}\n{\"image\": \"big.jpg\"}\n\
+             {\"image\": \"a.jpg\", \"key\": \"long\", \"caption\": \"far too long\"}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("a.jpg"), b"AAA").unwrap();
+        std::fs::write(dir.path().join("big.jpg"), vec![0u8; 100]).unwrap();
+        let shards = load_folder("spec", &jsonl, 10).unwrap();
+        let limits = ReadLimits { max_member_bytes: 99, max_caption_bytes: 5, ..ReadLimits::default() };
+        let items: Vec<_> = FolderReader::new(shards[0].clone(), 0, limits).collect();
+        assert_eq!(items.len(), 3, "one item per entry");
+        assert!(items[0].is_ok());
+        let big = items[1].as_ref().unwrap_err();
+        assert_eq!((big.key.as_str(), big.reason), ("big", DropReason::MemberTooLarge));
+        assert!(big.detail.contains("100 bytes, above the limit of 99 (max_member_bytes)"), "{}", big.detail);
+        let long = items[2].as_ref().unwrap_err();
+        assert_eq!((long.key.as_str(), long.reason), ("long", DropReason::MemberTooLarge));
+        assert!(long.detail.contains("line 3") && long.detail.contains("max_caption_bytes"), "{}", long.detail);
     }
 
     #[test]

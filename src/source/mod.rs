@@ -22,6 +22,7 @@
 mod counts;
 mod folder;
 mod http;
+pub mod limits;
 pub mod manifest;
 pub(crate) mod object;
 mod pack;
@@ -38,6 +39,7 @@ use flate2::bufread::MultiGzDecoder;
 
 pub use counts::{COUNTS_FILE, CountCache, default_dir as default_cache_dir};
 pub use folder::{FolderEntry, FolderShard};
+pub use limits::ReadLimits;
 pub use manifest::{Manifest, ManifestShard};
 pub use object::is_object_url;
 pub use pack::ShardWriter;
@@ -76,6 +78,8 @@ pub struct ReadOptions {
     /// `aws_access_key_id`, `aws_region`, `google_service_account`, `azure_storage_account_name`; they
     /// override the `AWS_*`/`GOOGLE_*`/`AZURE_*` environment (see the `object` module docs).
     pub storage_options: Vec<(String, String)>,
+    /// Per-sample resource limits (member, caption and metadata bytes, JSON nesting).
+    pub limits: ReadLimits,
     /// Request, retry and byte counters of the readers sharing these options.
     pub stats: IoStats,
 }
@@ -86,6 +90,7 @@ impl Default for ReadOptions {
             http_retries: 3,
             http_timeout: Duration::from_secs(30),
             storage_options: Vec::new(),
+            limits: ReadLimits::default(),
             stats: IoStats::default(),
         }
     }
@@ -245,14 +250,16 @@ impl Shard {
                             start.index
                         ))
                     })?;
-                    Inner::Tar(samples)
+                    Inner::Tar(samples.with_limits(opts.limits))
                 }
-                Opened::Plain(medium, _) => Inner::Tar(TarSamples::new(medium, path.clone(), start.index)),
-                Opened::Gzip(medium) => {
-                    Inner::Tar(TarSamples::new(medium, path.clone(), start.index).without_offsets())
+                Opened::Plain(medium, _) => {
+                    Inner::Tar(TarSamples::new(medium, path.clone(), start.index).with_limits(opts.limits))
                 }
+                Opened::Gzip(medium) => Inner::Tar(
+                    TarSamples::new(medium, path.clone(), start.index).without_offsets().with_limits(opts.limits),
+                ),
             },
-            Shard::Folder(folder) => Inner::Folder(FolderReader::new(folder.clone(), start.index)),
+            Shard::Folder(folder) => Inner::Folder(FolderReader::new(folder.clone(), start.index, opts.limits)),
         };
         Ok(ShardReader { name: self.name(), inner })
     }

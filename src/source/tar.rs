@@ -22,6 +22,7 @@ use std::io::{self, BufReader, Read};
 
 use bytes::Bytes;
 
+use super::limits::{ReadLimits, Role};
 use crate::error::{DropReason, SampleError};
 use crate::sample::RawSample;
 
@@ -33,8 +34,6 @@ const MAX_META_ENTRY: u64 = 1 << 20;
 const MAX_PREALLOC: u64 = 64 << 20;
 /// Extensions (last component, lower-case) that mark the image member.
 pub(crate) const IMAGE_EXTS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
-/// Largest decompressed size of a `.gz` member; a bigger one drops its sample.
-const MAX_GUNZIPPED: u64 = 1 << 30;
 
 /// A byte source a tar shard is read from: a `Read` that can also skip bytes cheaply where the medium allows.
 pub(crate) trait Medium: Read + Send {
@@ -162,6 +161,9 @@ struct Walker<M> {
     /// Whether a valid tar header (or the end-of-archive marker) has been read: until then, a failure means the
     /// input is not a tar archive at all rather than one cut short.
     seen_header: bool,
+    /// Whether reading the medium failed (an I/O error, a corrupt gzip stream), as opposed to bytes that do not
+    /// parse as tar.
+    read_failed: bool,
 }
 
 impl<M: Medium> Walker<M> {
@@ -173,7 +175,10 @@ impl<M: Medium> Walker<M> {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.read_failed = true;
+                    return Err(e);
+                }
             }
         }
         self.pos += got as u64;
@@ -327,16 +332,27 @@ impl<M: Medium> Walker<M> {
     }
 }
 
-/// A member's data as the sample uses it: decompressed for a `.gz` member, or why that failed.
-type Used = Result<Vec<u8>, String>;
+/// A member's data as the sample uses it: decompressed for a `.gz` member, or why it cannot be used.
+type Used = Result<Vec<u8>, Unusable>;
 
-/// Decompresses a `.gz` member, at most [`MAX_GUNZIPPED`] bytes.
-fn gunzip(path: &str, data: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(MAX_PREALLOC as usize));
-    let mut decoder = flate2::read::MultiGzDecoder::new(data).take(MAX_GUNZIPPED + 1);
-    decoder.read_to_end(&mut out).map_err(|e| format!("member `{path}` is not valid gzip: {e}"))?;
-    if out.len() as u64 > MAX_GUNZIPPED {
-        return Err(format!("member `{path}` decompresses to more than {MAX_GUNZIPPED} bytes"));
+/// Why a member's data cannot be used (the sample is dropped; the shard goes on).
+#[derive(Debug)]
+enum Unusable {
+    /// Larger than its role's limit (announced by the header, or inflated past it): `member_too_large`.
+    TooLarge(String),
+    /// Corrupt (not valid gzip): the role's own reason.
+    Corrupt(String),
+}
+
+/// Decompresses a `.gz` member in `role`, at most the role's limit of bytes (the rest is never inflated).
+fn gunzip(path: &str, data: &[u8], limits: &ReadLimits, role: Role) -> Used {
+    let (limit, _) = limits.bytes(role);
+    let mut out = Vec::with_capacity(data.len().saturating_mul(4).min(limit as usize).min(MAX_PREALLOC as usize));
+    let mut decoder = flate2::read::MultiGzDecoder::new(data).take(limit.saturating_add(1));
+    decoder.read_to_end(&mut out).map_err(|e| Unusable::Corrupt(format!("member `{path}` is not valid gzip: {e}")))?;
+    if out.len() as u64 > limit {
+        let what = format!("member `{path}`");
+        return Err(Unusable::TooLarge(limits.too_large(role, &what, None).unwrap_or(what)));
     }
     Ok(out)
 }
@@ -353,6 +369,8 @@ pub(crate) struct TarSamples<M> {
     offsets: bool,
     /// Byte offset in the shard where the next sample starts, when known.
     next_offset: Option<u64>,
+    /// What one sample may hold in memory.
+    limits: ReadLimits,
 }
 
 /// Outcome of walking over samples without reading their data.
@@ -405,13 +423,20 @@ impl<M: Medium> TarSamples<M> {
 
     fn bare(medium: M, shard: String, pos: u64, offsets: bool) -> Self {
         Self {
-            walker: Walker { medium, shard, pos, ended: false, end_at: None, seen_header: false },
+            walker: Walker { medium, shard, pos, ended: false, end_at: None, seen_header: false, read_failed: false },
             pending: None,
             index: 0,
             done: false,
             offsets,
             next_offset: None,
+            limits: ReadLimits::default(),
         }
+    }
+
+    /// Applies `limits` to the samples read from now on (default [`ReadLimits::default`]).
+    pub(crate) fn with_limits(mut self, limits: ReadLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Where the next sample starts: the first header of the pending member, or the end-of-archive marker.
@@ -484,12 +509,17 @@ impl<M: Medium> TarSamples<M> {
             let detail = format!("shard `{shard}`: sample has no jpg/jpeg/png/webp member");
             return Err(SampleError::new(key, DropReason::MissingImage, detail));
         };
-        let gz = |m: Option<Used>, reason| {
-            m.transpose().map_err(|e| SampleError::new(key.clone(), reason, format!("shard `{shard}`: {e}")))
+        let used = |m: Option<Used>, reason| {
+            m.transpose().map_err(|e| match e {
+                Unusable::TooLarge(d) => {
+                    SampleError::new(key.clone(), DropReason::MemberTooLarge, format!("shard `{shard}`: {d}"))
+                }
+                Unusable::Corrupt(d) => SampleError::new(key.clone(), reason, format!("shard `{shard}`: {d}")),
+            })
         };
-        let image = gz(Some(image), DropReason::UndecodableImage)?.unwrap_or_default();
-        let caption = gz(caption, DropReason::InvalidCaption)?;
-        let meta = gz(meta, DropReason::StageFailed)?;
+        let image = used(Some(image), DropReason::UndecodableImage)?.unwrap_or_default();
+        let caption = used(caption, DropReason::InvalidCaption)?;
+        let meta = used(meta, DropReason::InvalidMeta)?;
         let caption = match caption.map(String::from_utf8).transpose() {
             Ok(c) => c,
             Err(e) => {
@@ -497,11 +527,11 @@ impl<M: Medium> TarSamples<M> {
                 return Err(SampleError::new(key, DropReason::InvalidCaption, detail));
             }
         };
-        let meta = match meta.map(|m| serde_json::from_slice::<serde_json::Value>(&m)).transpose() {
+        let meta = match meta.map(|m| self.limits.parse_meta(&m)).transpose() {
             Ok(m) => m,
             Err(e) => {
-                let detail = format!("shard `{shard}`: json member is not valid JSON: {e}");
-                return Err(SampleError::new(key, DropReason::StageFailed, detail));
+                let detail = format!("shard `{shard}`: json member: {e}");
+                return Err(SampleError::new(key, DropReason::InvalidMeta, detail));
             }
         };
         Ok(RawSample { key, image: Bytes::from(image), image_ext, caption, meta })
@@ -538,10 +568,16 @@ impl<M: Medium> TarSamples<M> {
                     // bytes, an HTML error page, a corrupt gzip stream), not a sample cut short.
                     self.done = true;
                     let shard = self.walker.shard.clone();
+                    let what = match (self.walker.read_failed, self.offsets) {
+                        // A decompressed stream that fails to read before its first header: the gzip layer.
+                        (true, false) => "gzip stream corrupt",
+                        (true, true) => "unreadable",
+                        (false, _) => "not a tar archive",
+                    };
                     return Some(Err(SampleError::new(
                         shard,
                         DropReason::UnreadableShard,
-                        format!("not a tar archive: {detail}"),
+                        format!("{what}: {detail}"),
                     )));
                 }
                 Err(detail) => {
@@ -564,16 +600,32 @@ impl<M: Medium> TarSamples<M> {
             let wanted_image = image.is_none() && is_image_ext(&role);
             let wanted_caption = caption.is_none() && role == "txt";
             let wanted_meta = meta.is_none() && role == "json";
-            let res = if wanted_image || wanted_caption || wanted_meta {
-                self.walker.read_data(&member).map(|data| {
-                    let data = if gz { gunzip(&member.path, &data) } else { Ok(data) };
-                    if wanted_image {
-                        image = Some((last_ext(&role).to_string(), data));
-                    } else if wanted_caption {
-                        caption = Some(data);
-                    } else {
-                        meta = Some(data);
+            let wanted = if wanted_image {
+                Some(Role::Image)
+            } else if wanted_caption {
+                Some(Role::Caption)
+            } else if wanted_meta {
+                Some(Role::Meta)
+            } else {
+                None
+            };
+            let res = if let Some(r) = wanted {
+                // The size the header announces is checked before a byte is allocated; a member above its
+                // limit is skipped (sought over locally) and drops the sample.
+                let what = format!("member `{}`", member.path);
+                let data = match self.limits.too_large(if gz { Role::Image } else { r }, &what, Some(member.size)) {
+                    Some(detail) => {
+                        self.walker.skip_data(&member.path, member.size).map(|()| Err(Unusable::TooLarge(detail)))
                     }
+                    None => self
+                        .walker
+                        .read_data(&member)
+                        .map(|data| if gz { gunzip(&member.path, &data, &self.limits, r) } else { Ok(data) }),
+                };
+                data.map(|data| match r {
+                    Role::Image => image = Some((last_ext(&role).to_string(), data)),
+                    Role::Caption => caption = Some(data),
+                    Role::Meta => meta = Some(data),
                 })
             } else {
                 self.walker.skip_data(&member.path, member.size)
@@ -628,6 +680,99 @@ mod tests {
 
     fn count(bytes: Vec<u8>) -> usize {
         TarSamples::count(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into())
+    }
+
+    fn read_limited(bytes: Vec<u8>, limits: ReadLimits) -> Vec<Result<RawSample, SampleError>> {
+        TarSamples::new(StreamMedium::new(Cursor::new(bytes)), "mem.tar".into(), 0).with_limits(limits).collect()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn members_above_their_limits_drop_their_sample_and_the_shard_goes_on() {
+        let deep = format!("{}1{}", "[".repeat(9), "]".repeat(9));
+        let bomb = gzip(&vec![b'a'; 10_000]);
+        let bytes = tar_bytes(&[
+            ("big.jpg", &[7u8; 100]),
+            ("cap.jpg", b"C"),
+            ("cap.txt", b"eleven char"),
+            ("meta.jpg", b"M"),
+            ("meta.json", b"{\"pad\": \"0123456789012345678901234567890123456789\"}"),
+            ("deep.jpg", b"D"),
+            ("deep.json", deep.as_bytes()),
+            ("gz.jpg", b"G"),
+            ("gz.txt.gz", &bomb),
+            ("ok.jpg", b"O"),
+            ("ok.txt", b"fine"),
+            ("ok.json", b"[[1]]"),
+        ]);
+        let limits = ReadLimits { max_member_bytes: 99, max_caption_bytes: 10, max_meta_bytes: 40, max_json_depth: 8 };
+        let items = read_limited(bytes, limits);
+        assert_eq!(items.len(), 6, "one item per sample");
+        let expect = [
+            (
+                "big",
+                DropReason::MemberTooLarge,
+                "member `big.jpg` has 100 bytes, above the limit of 99 (max_member_bytes)",
+            ),
+            (
+                "cap",
+                DropReason::MemberTooLarge,
+                "member `cap.txt` has 11 bytes, above the limit of 10 (max_caption_bytes)",
+            ),
+            (
+                "meta",
+                DropReason::MemberTooLarge,
+                "member `meta.json` has 51 bytes, above the limit of 40 (max_meta_bytes)",
+            ),
+            ("deep", DropReason::InvalidMeta, "JSON nests 9 levels deep, above the limit of 8 (max_json_depth)"),
+            (
+                "gz",
+                DropReason::MemberTooLarge,
+                "member `gz.txt.gz` decompresses to more than 10 bytes (max_caption_bytes)",
+            ),
+        ];
+        for (item, (key, reason, detail)) in items.iter().zip(expect) {
+            let e = item.as_ref().unwrap_err();
+            assert_eq!((e.key.as_str(), e.reason), (key, reason));
+            assert!(e.detail.contains(detail) && e.detail.contains("shard `mem.tar`"), "{}", e.detail);
+        }
+        let ok = items[5].as_ref().unwrap();
+        assert_eq!((ok.key.as_str(), ok.caption.as_deref()), ("ok", Some("fine")));
+    }
+
+    #[test]
+    fn a_header_announcing_50_gb_is_sought_over_not_allocated() {
+        // A sparse local file: the 50 GB member is a hole, so the test writes a few KB. Reading the member would
+        // need 50 GB of memory; the limit check comes first and the walker seeks over it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.tar");
+        let size: u64 = 50 << 30;
+        let mut header = ::tar::Header::new_gnu();
+        header.set_path("huge.jpg").unwrap();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_entry_type(::tar::EntryType::Regular);
+        header.set_cksum();
+        let tail = tar_bytes(&[("next.jpg", b"N"), ("next.txt", b"after the hole")]);
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = File::create(&path).unwrap();
+            f.write_all(header.as_bytes()).unwrap();
+            f.seek(SeekFrom::Start(BLOCK + size)).unwrap();
+            f.write_all(&tail).unwrap();
+        }
+        let medium = LocalMedium::new(File::open(&path).unwrap(), 0).unwrap();
+        let items: Vec<_> = TarSamples::new(medium, "huge.tar".into(), 0).collect();
+        assert_eq!(items.len(), 2);
+        let e = items[0].as_ref().unwrap_err();
+        assert_eq!((e.key.as_str(), e.reason), ("huge", DropReason::MemberTooLarge));
+        assert!(e.detail.contains(&format!("{size} bytes, above the limit of {}", 256u64 << 20)), "{}", e.detail);
+        assert_eq!(items[1].as_ref().unwrap().caption.as_deref(), Some("after the hole"));
     }
 
     #[test]
