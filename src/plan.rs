@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{DropReason, Error, Result};
 use crate::rng::{SplitMix64, derive};
 use crate::sample::SourcePos;
 
@@ -324,6 +324,149 @@ impl LoaderState {
     /// Total dropped samples.
     pub fn dropped_total(&self) -> u64 {
         self.dropped.values().sum()
+    }
+}
+
+/// What a resumed state must fit: the shape of the loader's plan for the state's epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateShape {
+    /// Shards in the loader's global list.
+    pub n_shards: usize,
+    /// Whether the loader shuffles the shard order.
+    pub shuffle_shards: bool,
+    /// The loader's shuffle buffer capacity.
+    pub shuffle_buffer: usize,
+    /// The loader's batch size.
+    pub batch_size: usize,
+    /// Shards per pass of this rank in the state's epoch (the plan's; ignored in an elastic epoch).
+    pub shards_per_pass: usize,
+    /// Sweeps of the rank's shards the epoch may take (the plan's; ignored in an elastic epoch).
+    pub max_passes: u32,
+}
+
+/// Room left above any counter of a valid state: a state counting past it is tampered with (a real epoch does
+/// not read 2^62 samples), and counting on from it must not overflow.
+const COUNTER_CEILING: u64 = 1 << 62;
+
+impl LoaderState {
+    /// Parses a state serialised as JSON (as `serde_json::to_vec(&state)` writes it). A malformed state (a
+    /// negative or overflowing number, a missing field, a wrong type) is [`Error::State`] naming the field's
+    /// path (`cursor.index: invalid value: integer `-1`, expected u32 ...`).
+    pub fn from_json(bytes: &[u8]) -> Result<Self> {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let state: Self = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." { "the state".to_string() } else { path };
+            Error::State(format!("{field}: {}", e.inner()))
+        })?;
+        de.end().map_err(|e| Error::State(format!("the state: {e}")))?;
+        Ok(state)
+    }
+
+    /// Every inconsistency of this state's positions and counters with `shape` and with itself, each naming
+    /// its field; empty when the state can resume. Called by [`crate::Juicer::resume`] after the identity checks
+    /// (version, seed, world, shard list), so a tampered state is an error before any thread starts, never a
+    /// panic or a silently different stream.
+    pub fn problems(&self, shape: &StateShape) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Some(n) = self.n_shards
+            && n != shape.n_shards
+        {
+            p.push(format!("n_shards {n} (loader has {})", shape.n_shards));
+        }
+        if let Some(s) = self.shuffle_shards
+            && s != shape.shuffle_shards
+        {
+            p.push(format!("shuffle_shards {s} (loader has {})", shape.shuffle_shards));
+        }
+        if self.buffer.len() > shape.shuffle_buffer.max(1) {
+            p.push(format!(
+                "buffer holds {} positions, more than the shuffle buffer's {}",
+                self.buffer.len(),
+                shape.shuffle_buffer
+            ));
+        }
+        if !self.buffer_offsets.is_empty() && self.buffer_offsets.len() != self.buffer.len() {
+            p.push(format!(
+                "buffer_offsets has {} entries for {} buffered positions",
+                self.buffer_offsets.len(),
+                self.buffer.len()
+            ));
+        }
+        // Where positions may lie: the readers' tasks are `pass * shards + shard`, `0..passes * shards`, and the
+        // cursor may sit on the task after the last one (the epoch's reading is done); buffered samples were
+        // read at or before the cursor's task.
+        let (passes, shards) = match &self.ranges {
+            Some(ranges) => (1u64, ranges.len().max(1) as u64),
+            None => (u64::from(shape.max_passes.max(1)), shape.shards_per_pass.max(1) as u64),
+        };
+        let c = self.cursor;
+        let task = |pass: u32, shard: u32| u64::from(pass) * shards + u64::from(shard);
+        if u64::from(c.shard) >= shards || task(c.pass, c.shard) > passes * shards {
+            p.push(format!(
+                "cursor pass {} shard {} is outside the plan ({passes} pass(es) of {shards} shard(s))",
+                c.pass, c.shard
+            ));
+        }
+        let misplaced = |b: &SourcePos| u64::from(b.shard) >= shards || task(b.pass, b.shard) > task(c.pass, c.shard);
+        if let Some(i) = self.buffer.iter().position(misplaced) {
+            let b = self.buffer[i];
+            p.push(format!(
+                "buffer[{i}] pass {} shard {} index {} is not a position read before the cursor (pass {} shard {})",
+                b.pass, b.shard, b.index, c.pass, c.shard
+            ));
+        }
+        if let Some(ranges) = &self.ranges {
+            if let Some(i) = ranges.iter().position(|r| r.shard >= shape.n_shards || r.end.is_some_and(|e| e < r.start))
+            {
+                let r = ranges[i];
+                p.push(format!(
+                    "ranges[{i}] shard {} samples {}..{:?} is not a range of the loader's {} shard(s)",
+                    r.shard, r.start, r.end, shape.n_shards
+                ));
+            }
+        }
+        for (name, v) in [
+            ("epoch", self.epoch),
+            ("drawn", self.drawn),
+            ("samples_read", self.samples_read),
+            ("batches", self.batches),
+            ("patches_total", self.patches_total),
+            ("classes", self.classes),
+        ] {
+            if v >= COUNTER_CEILING {
+                p.push(format!("{name} {v} is beyond any real epoch"));
+            }
+        }
+        let dropped = self.dropped.values().try_fold(0u64, |a, &n| a.checked_add(n));
+        match dropped {
+            Some(d) if self.samples_emitted.checked_add(d) == Some(self.samples_read) => {}
+            _ => p.push(format!(
+                "samples_read {} is not samples_emitted {} + dropped {}",
+                self.samples_read,
+                self.samples_emitted,
+                dropped.map_or_else(|| "(overflowing)".to_string(), |d| d.to_string())
+            )),
+        }
+        if let Some(name) = self.dropped.keys().find(|k| !DropReason::ALL.iter().any(|r| r.as_str() == k.as_str())) {
+            p.push(format!("dropped: `{name}` is not a drop reason"));
+        }
+        if self.samples_read > self.drawn {
+            p.push(format!("samples_read {} is more than drawn {}", self.samples_read, self.drawn));
+        }
+        if self.samples_emitted > self.batches.saturating_mul(shape.batch_size as u64) {
+            p.push(format!(
+                "samples_emitted {} do not fit in {} batch(es) of {}",
+                self.samples_emitted, self.batches, shape.batch_size
+            ));
+        }
+        if self.patches_kept > self.patches_total || self.classes_added > self.classes {
+            p.push(format!(
+                "patches_kept {} / patches_total {} or classes_added {} / classes {} is inconsistent",
+                self.patches_kept, self.patches_total, self.classes_added, self.classes
+            ));
+        }
+        p
     }
 }
 

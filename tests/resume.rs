@@ -93,6 +93,88 @@ fn a_wrong_offset_fails_with_a_state_error_naming_the_shard() {
 }
 
 #[test]
+fn tampered_or_foreign_states_are_state_errors_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let paths = make_shards(dir.path(), &[12, 9], |_| Fault::None);
+    let shards = specs(&paths);
+    let make = || builder(shards.clone()).seed(5).shuffle_buffer(7).reader_workers(1).build().unwrap();
+    let (_, good) = run_until(&make(), 1);
+    assert!(!good.buffer.is_empty());
+    let json = serde_json::to_value(&good).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = specs(&make_shards(other_dir.path(), &[12, 9], |_| Fault::None));
+
+    // Malformed JSON: negative, overflowing, wrongly typed numbers are named by their path.
+    let parse = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut v = json.clone();
+        edit(&mut v);
+        LoaderState::from_json(&serde_json::to_vec(&v).unwrap())
+    };
+    let malformed: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        ("cursor.index", Box::new(|v| v["cursor"]["index"] = (-1).into())),
+        ("buffer[0].shard", Box::new(|v| v["buffer"][0]["shard"] = (1u64 << 40).into())),
+        ("seed", Box::new(|v| v["seed"] = "5".into())),
+        ("drawn", Box::new(|v| drop(v.as_object_mut().unwrap().remove("drawn")))),
+    ];
+    for (field, edit) in &malformed {
+        let err = parse(edit.as_ref()).unwrap_err();
+        assert!(matches!(&err, juicer::Error::State(m) if m.contains(field)), "{field}: {err}");
+    }
+    assert_eq!(parse(&|_| ()).unwrap(), good, "an untouched state parses back");
+
+    // Well-formed, but not this loader's, or not consistent: refused by `resume`, before any thread starts.
+    let edits: Vec<(&str, Box<dyn Fn(&mut LoaderState)>)> = vec![
+        ("seed 6", Box::new(|s| s.seed = 6)),
+        ("world", Box::new(|s| s.world = juicer::World { rank: 0, world_size: 2 })),
+        ("state version 9", Box::new(|s| s.version = 9)),
+        ("cursor pass 3 shard 0 is outside the plan", Box::new(|s| s.cursor.pass = 3)),
+        ("cursor pass 0 shard 7", Box::new(|s| s.cursor.shard = 7)),
+        ("buffer[0] pass 1", Box::new(|s| s.buffer[0].pass = 1)),
+        ("buffer holds 40 positions", Box::new(|s| s.buffer = vec![s.buffer[0]; 40])),
+        ("buffer_offsets has 1 entries", Box::new(|s| s.buffer_offsets.truncate(1))),
+        ("n_shards 3", Box::new(|s| s.n_shards = Some(3))),
+        ("shuffle_shards true", Box::new(|s| s.shuffle_shards = Some(true))),
+        ("samples_read 1000 is not", Box::new(|s| s.samples_read = 1000)),
+        ("drawn 18446744073709551615 is beyond", Box::new(|s| s.drawn = u64::MAX)),
+        (
+            "epoch 18446744073709551615 is beyond",
+            Box::new(|s| {
+                s.epoch = u64::MAX;
+                s.epoch_complete = true;
+            }),
+        ),
+        (
+            "dropped: `no_such_reason`",
+            Box::new(|s| {
+                s.dropped.insert("no_such_reason".into(), 1);
+                s.samples_read += 1;
+            }),
+        ),
+        (
+            "(overflowing)",
+            Box::new(|s| {
+                s.dropped.insert("truncated".into(), u64::MAX);
+                s.dropped.insert("missing_image".into(), 1);
+            }),
+        ),
+        ("do not fit in", Box::new(|s| s.batches = 0)),
+    ];
+    for (needle, edit) in &edits {
+        let mut state = good.clone();
+        edit(&mut state);
+        let err = make().resume(state).unwrap_err();
+        assert!(matches!(&err, juicer::Error::State(m) if m.contains(needle)), "{needle}: {err}");
+    }
+    let foreign = builder(other.clone()).seed(5).shuffle_buffer(7).reader_workers(1).build().unwrap();
+    let err = foreign.resume(good.clone()).unwrap_err();
+    assert!(err.to_string().contains("shard list differs"), "{err}");
+    // The untouched state still resumes, and continues the stream.
+    let again = make();
+    again.resume(good).unwrap();
+    assert!(!collect(&again).is_empty());
+}
+
+#[test]
 fn http_resume_asks_for_the_rest_of_the_shard_only() {
     let dir = tempfile::tempdir().unwrap();
     let paths = make_shards(dir.path(), &[14, 9], |_| Fault::None);
@@ -131,7 +213,7 @@ fn a_version_1_state_without_offsets_still_resumes() {
     // A state as version 1 wrote it: 15 samples read (shard 0 and 3 of shard 1), no offsets, no plan shape.
     let old = r#"{"version":1,"seed":7,"epoch":0,"world":{"rank":0,"world_size":1},"sources":"SOURCES",
         "shuffle_buffer":0,"epoch_complete":false,"cursor":{"pass":0,"shard":1,"index":3},"shuffle_rng":12345,
-        "buffer":[],"drawn":15,"samples_read":15,"samples_emitted":15,"batches":3,"dropped":{},
+        "buffer":[],"drawn":15,"samples_read":15,"samples_emitted":15,"batches":4,"dropped":{},
         "patches_kept":60,"patches_total":60,"classes":0,"classes_added":0}"#
         .replace("SOURCES", &sources);
     let state: LoaderState = serde_json::from_str(&old).unwrap();

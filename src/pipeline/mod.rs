@@ -38,7 +38,7 @@ use topology::EpochSetup;
 
 use crate::error::{DropReason, Error, Result, SampleError};
 use crate::graph::{Run, StageSnapshot};
-use crate::plan::{ElasticState, LoaderState, ShardPlan, World};
+use crate::plan::{ElasticState, LoaderState, ShardPlan, StateShape, World};
 use crate::reader::Tasks;
 use crate::rng::derive;
 use crate::sample::JuicedSample;
@@ -225,12 +225,37 @@ impl<O: Send + 'static> Juicer<O> {
         if state.shuffle_buffer != s.config.shuffle_buffer {
             problems.push(format!("shuffle buffer {} (loader has {})", state.shuffle_buffer, s.config.shuffle_buffer));
         }
+        if problems.is_empty() {
+            // The state is this loader's: now its positions and counters must fit the epoch's plan.
+            problems.extend(state.problems(&self.state_shape(&state)?));
+        }
         if !problems.is_empty() {
             return Err(Error::State(problems.join("; ")));
         }
         let next = if state.epoch_complete { Next::Epoch(state.epoch + 1) } else { Next::Resume(Box::new(state)) };
         *self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))? = next;
         Ok(())
+    }
+
+    /// The shape of this loader's plan for `state`'s epoch, which the state's positions must fit.
+    fn state_shape(&self, state: &LoaderState) -> Result<StateShape> {
+        let s = &self.shared;
+        let cfg = &s.config;
+        let (shards_per_pass, max_passes) = match state.ranges {
+            Some(_) => (0, 1),
+            None => {
+                let plan = ShardPlan::new(s.shards.len(), cfg.seed, state.epoch, s.world, cfg.shuffle_shards)?;
+                (plan.shards_per_pass(), self.epoch_target(state.epoch)?.1)
+            }
+        };
+        Ok(StateShape {
+            n_shards: s.shards.len(),
+            shuffle_shards: cfg.shuffle_shards,
+            shuffle_buffer: cfg.shuffle_buffer,
+            batch_size: cfg.batch_size,
+            shards_per_pass,
+            max_passes,
+        })
     }
 
     /// Continues from checkpointed states, whichever kind they are: one state of this juicer's world and rank
@@ -250,7 +275,7 @@ impl<O: Send + 'static> Juicer<O> {
             let next = guard.clone();
             *guard = Next::Epoch(match &next {
                 Next::Epoch(e) => e + 1,
-                Next::Resume(s) => s.epoch + 1,
+                Next::Resume(s) => s.epoch.saturating_add(1),
             });
             next
         };
@@ -320,7 +345,7 @@ impl<O: Send + 'static> Juicer<O> {
             return Err(Error::State(problems.join("; ")));
         }
         let next = if merged.epoch_complete {
-            Next::Epoch(merged.epoch + 1)
+            Next::Epoch(merged.epoch.saturating_add(1))
         } else {
             let counts = self.shard_counts()?;
             let w = s.world;
