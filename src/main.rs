@@ -758,6 +758,11 @@ struct WriteArgs {
     /// Bytes per shard (a bigger sample gets a shard of its own).
     #[arg(long, default_value_t = 1 << 30)]
     max_size: u64,
+    /// Continue an interrupted run (killed, out of disk space) from its last complete shard, with the same
+    /// arguments: the output is then the uninterrupted run's, byte for byte. Without a progress file
+    /// (OUT/.PREFIX.progress.json) the run starts afresh.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// Juices the sources into WebDataset shards (layout: `juicer write --help`, `juicer::write`).
@@ -773,7 +778,7 @@ fn write(args: WriteArgs) -> anyhow::Result<()> {
     (run.rank, run.world_size, run.epoch_size) = (Some(task.rank), Some(task.world_size), EpochPolicy::Exhaust);
     let loader = loader_builder(&run)?.build_with(HostBatcher)?;
     let prefix = juicer::write::task_prefix(&args.prefix, task.rank, task.world_size);
-    let opts = WriteOptions { prefix, max_count: args.max_count, max_size: args.max_size };
+    let opts = WriteOptions { prefix, max_count: args.max_count, max_size: args.max_size, resume: args.resume };
     let report = write_shards(&loader, &args.out, &opts, &mut |e| eprintln!("dropped: {e}"))?;
     eprintln!(
         "juicer write: read {}  =  written {}  +  dropped {}   ({} shard(s) in {})",

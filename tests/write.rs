@@ -248,3 +248,81 @@ fn every_sample_is_written_or_dropped_with_a_reason() {
     assert!(!out.status.success(), "--on-error fail must fail the write");
     assert!(stderr(&out).contains("2 sample(s) failed"), "{}", stderr(&out));
 }
+
+/// Every file of a folder, hidden ones included: name → bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("read output folder")
+        .map(|e| {
+            let e = e.expect("entry");
+            (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).expect("read output file"))
+        })
+        .collect()
+}
+
+/// Options of the crash-safety tests: full-size crops (a run long enough to be killed in), small shards.
+const CRASH_OPTS: [&str; 8] = ["--device", "cpu", "--seed", "5", "--max-count", "3", "--batch-size", "4"];
+
+#[test]
+fn a_write_killed_mid_run_resumes_to_the_uninterrupted_output_byte_for_byte() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (whole, killed) = (dir.path().join("whole"), dir.path().join("killed"));
+    write(SHARDS, &whole, &CRASH_OPTS);
+    let expected = files(&whole);
+    assert!(expected.keys().all(|n| !n.starts_with('.')), "no progress or partial file left: {expected:?}");
+
+    let out = killed.to_str().expect("UTF-8");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_juicer"))
+        .args([&["write", SHARDS, "--out", out][..], &CRASH_OPTS].concat())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn juicer write");
+    // Kill it (SIGKILL: no destructor runs) once two shards are complete, well before the 25th.
+    let started = std::time::Instant::now();
+    while !killed.join("juiced-000001.tar").exists() {
+        assert!(child.try_wait().expect("poll").is_none(), "juicer write ended before it could be killed");
+        assert!(started.elapsed().as_secs() < 120, "no second shard after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert!(child.try_wait().expect("poll").is_none(), "juicer write ended before it could be killed");
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let left = files(&killed);
+    assert!(left.contains_key(".juiced.progress.json"), "progress saved: {:?}", left.keys());
+    assert!(!left.contains_key("juiced.json"), "killed before the manifest: {:?}", left.keys());
+    assert!(left.len() < expected.len() + 2, "killed mid-run: {:?}", left.keys());
+
+    let (_, err) = write(SHARDS, &killed, &[&CRASH_OPTS[..], &["--resume"]].concat());
+    assert!(err.contains("read 73 = written 73 + dropped 0"), "{err}");
+    let resumed = files(&killed);
+    assert_eq!(resumed.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    for (name, bytes) in &expected {
+        assert!(resumed[name] == *bytes, "`{name}` differs from the uninterrupted run's");
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_names_the_shard_keeps_what_is_complete_and_resumes() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (whole, full) = (dir.path().join("whole"), dir.path().join("full"));
+    write(SHARDS, &whole, &CRASH_OPTS);
+    // The second shard's temporary file is /dev/full: every write to it fails with ENOSPC.
+    std::fs::create_dir(&full).expect("mkdir");
+    let trap = full.join(".juiced-000001.tar.partial");
+    std::os::unix::fs::symlink("/dev/full", &trap).expect("symlink to /dev/full");
+    let out = juicer(&[&["write", SHARDS, "--out", full.to_str().expect("UTF-8")][..], &CRASH_OPTS].concat());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("juiced-000001.tar") && err.contains("No space left on device"), "{err}");
+    let expected = files(&whole);
+    assert_eq!(std::fs::read(full.join("juiced-000000.tar")).expect("first shard kept"), expected["juiced-000000.tar"]);
+    assert!(!full.join("juiced-000001.tar").exists(), "no half shard under a final name");
+
+    std::fs::remove_file(&trap).expect("free the disk");
+    let (_, err) = write(SHARDS, &full, &[&CRASH_OPTS[..], &["--resume"]].concat());
+    assert!(err.contains("read 73 = written 73 + dropped 0"), "{err}");
+    assert_eq!(files(&full), expected, "the resumed output is the uninterrupted run's");
+}

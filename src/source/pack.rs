@@ -133,9 +133,41 @@ impl ShardWriter {
         Ok(bytes)
     }
 
+    /// Continues a series whose first shards are already complete in the (local) output folder: `closed` lists
+    /// them in order as (file name, samples, bytes), as [`ShardWriter::closed`] gave them. Each must exist with
+    /// exactly that size, else [`Error::State`] names it (the folder changed since). The next shard written is
+    /// number `closed.len()`.
+    pub fn continue_after(mut self, closed: &[(String, u64, u64)]) -> Result<Self> {
+        if !matches!(self.destination, Destination::Local) {
+            return Err(Error::Config(vec!["shard writer: only a local series can be continued".into()]));
+        }
+        for (i, (name, count, size)) in closed.iter().enumerate() {
+            let expected = format!("{}-{i:06}.tar", self.prefix);
+            let path = self.out_dir.join(name);
+            let on_disk = std::fs::metadata(&path).map(|m| m.len()).ok();
+            if *name != expected || on_disk != Some(*size) {
+                return Err(Error::State(format!(
+                    "shard `{}` should be complete with {size} bytes ({count} samples), found {}",
+                    path.display(),
+                    on_disk.map_or_else(|| "no file".to_string(), |n| format!("{n} bytes"))
+                )));
+            }
+            self.written.push((path, *count, *size));
+        }
+        Ok(self)
+    }
+
+    /// The shards closed so far, in order, as (file name, samples, bytes): what [`ShardWriter::continue_after`]
+    /// takes to continue the series.
+    pub fn closed(&self) -> Vec<(String, u64, u64)> {
+        let name = |p: &PathBuf| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        self.written.iter().map(|(p, count, size)| (name(p), *count, *size)).collect()
+    }
+
     /// Appends one sample: `members` are `(extension, data)` pairs written as `{key}.{extension}` in the given
     /// order. The key must not contain a dot in its file part nor start it with a dot (it would not read back).
-    pub fn write(&mut self, key: &str, members: &[(&str, &[u8])]) -> Result<()> {
+    /// Returns whether the previous shard was closed (it was full) before this sample started a new one.
+    pub fn write(&mut self, key: &str, members: &[(&str, &[u8])]) -> Result<bool> {
         let bytes = Self::encode(key, members)?;
         let len = bytes.len() as u64;
         let full = self.current.as_ref().is_some_and(|s| {
@@ -155,7 +187,7 @@ impl ShardWriter {
             shard.count += 1;
             shard.size += len;
         }
-        Ok(())
+        Ok(full)
     }
 
     /// Writes the end marker of the current shard and closes it.
