@@ -75,13 +75,15 @@
 //! - [`reader`]: reader workers (shard prefetch) and the sequencer (canonical order + shuffle buffer), which emits
 //!   each item with its checkpoint [`plan::Trace`].
 //! - [`plan`]: ranks ([`World`]: explicit, torchrun, Slurm), the per-epoch shard order and rank split
-//!   ([`plan::ShardPlan`]), epoch length across ranks ([`EpochSize`]), and the checkpoint [`LoaderState`].
+//!   ([`plan::ShardPlan`]), epoch length across ranks ([`EpochSize`]), and the checkpoint [`LoaderState`]
+//!   (parsed with [`LoaderState::from_json`], checked against the plan's [`StateShape`] before it resumes).
 //! - [`source`]: `mod.rs` ([`source::Shard`], [`source::ReadOptions`], the I/O counters), `tar.rs` (the
 //!   WebDataset grouping rules), `http.rs` (`http(s)://` streamed with Range-resume), `object.rs` (S3, GCS,
 //!   Azure, `file://` through `object_store`: ETag-pinned ranged resume, counted retries, listing globs),
 //!   `folder.rs` (folder + JSONL), `spec.rs` (globs, brace ranges), `manifest.rs` (wids shard lists),
-//!   `pack.rs` ([`source::ShardWriter`]). **Invariant:** a sample is read whole or reported as `Truncated`, never
-//!   short.
+//!   `pack.rs` ([`source::ShardWriter`]), `limits.rs` ([`source::ReadLimits`]: member, caption and metadata
+//!   bytes, JSON nesting, checked before allocating). **Invariant:** a sample is read whole or reported as
+//!   `Truncated`, never short.
 //! - [`decode`]: bytes → RGB (libjpeg-turbo at a reduced DCT scale where the crop allows, libwebp, `image`) →
 //!   torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode stage; the one copy of the
 //!   ImageNet and CLIP normalisation constants.
@@ -113,6 +115,8 @@
 //!   (one per device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck,
 //!   process CPU time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
 //! - [`error`], [`rng`]: the one error enum and drop reasons, SplitMix64.
+//! - [`fuzzing`]: the cargo-fuzz targets' bodies (`fuzz/`), plain functions that `tests/fuzz.rs` also replays
+//!   over every committed corpus and regression input.
 //! - [`show`]: renders a sample (input | kept patches | saliency heat map, classes, caption) and collects what
 //!   `juicer show` draws ([`show::ShowRun`]).
 //! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
@@ -148,6 +152,7 @@ pub mod bench;
 pub mod decode;
 pub mod device;
 pub mod error;
+pub mod fuzzing;
 pub mod graph;
 pub mod model;
 pub mod pipeline;
@@ -166,7 +171,7 @@ pub use batch::{JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
 pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, ShardFailure, Summary};
-pub use plan::{ElasticState, EpochSize, LoaderState, SampleRange, World};
+pub use plan::{ElasticState, EpochSize, LoaderState, SampleRange, StateShape, World};
 pub use sample::{Class, Decoded, JuicedSample, RawSample, SourcePos};
 pub use vision::ScorerSpec;
 pub use vision::prune::{KeepPolicy, PruneConfig};

@@ -3,6 +3,7 @@
 mod bench;
 mod cache;
 mod cli;
+mod fuzz;
 mod labels;
 mod mobilenet;
 mod object;

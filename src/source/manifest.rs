@@ -250,7 +250,8 @@ impl Manifest {
 
     /// Samples in all shards.
     pub fn total(&self) -> u64 {
-        self.shards.iter().map(|s| s.nsamples).sum()
+        // Saturating: the counts come from a file, and a crafted one must not overflow.
+        self.shards.iter().fold(0u64, |a, s| a.saturating_add(s.nsamples))
     }
 
     /// A manifest of shards a writer produced: `(path, samples, bytes)` each, in order.

@@ -279,6 +279,23 @@ impl Shard {
     }
 }
 
+/// The items of `stream` read as a tar shard named `fuzz.tar` from sample `skip` on, under `limits`: the
+/// `tar` and `gzip` fuzz targets' entry to the private reader ([`crate::fuzzing`]).
+#[doc(hidden)]
+pub fn fuzz_read_tar<R: Read + Send>(
+    stream: R,
+    skip: usize,
+    limits: ReadLimits,
+) -> Vec<Result<RawSample, SampleError>> {
+    TarSamples::new(StreamMedium::new(stream), "fuzz.tar".into(), skip).with_limits(limits).collect()
+}
+
+/// The sample count of `stream` as the count scan sees it (the fuzz targets check it against the reader).
+#[doc(hidden)]
+pub fn fuzz_count_tar<R: Read + Send>(stream: R) -> usize {
+    TarSamples::count(StreamMedium::new(stream), "fuzz.tar".into())
+}
+
 /// The whole content of a (small) file or object: a local path, an `http(s)://` URL or an object-store URL
 /// (manifests, and what tests compare).
 pub fn read_location(location: &str, opts: &ReadOptions) -> Result<Vec<u8>> {
