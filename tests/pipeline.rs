@@ -381,3 +381,50 @@ fn resume_case_seeded(
     prop_assert!(rest == full[stop..]);
     Ok(())
 }
+
+/// Open file descriptors and threads of this process (Linux `/proc/self`).
+#[cfg(target_os = "linux")]
+fn fds_and_threads() -> (usize, usize) {
+    let fds = std::fs::read_dir("/proc/self/fd").map(Iterator::count).unwrap_or(0);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let threads =
+        status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+    (fds, threads)
+}
+
+/// Drops the iterator after a random number of batches (0 to all), 20 times, or `JUICER_SOAK_DROPS` times
+/// (`benches/soak.sh`: 1,000, this test alone in its process): every stage thread joins each time. Run alone,
+/// the process also keeps exactly the open descriptors and threads it had after a first full epoch (no shard
+/// file, pipe or thread leaks); among the other tests of the binary those counts move with them.
+#[cfg(target_os = "linux")]
+#[test]
+fn dropping_the_iterator_anywhere_joins_every_thread_and_leaks_no_descriptor() {
+    let soak = std::env::var("JUICER_SOAK_DROPS").ok().and_then(|v| v.parse::<u64>().ok());
+    let rounds = soak.unwrap_or(20);
+    let dir = tempfile::tempdir().unwrap();
+    let paths = make_shards(dir.path(), &[9, 7, 8], |_| Fault::None);
+    let loader = crate::util::small_loader(specs(&paths)).shuffle_buffer(5).reader_workers(2).build().unwrap();
+    let mut rng = juicer::rng::SplitMix64::new(7);
+    // A whole epoch first: every lazily started pool (rayon, the tokenizer) exists before the baseline.
+    assert_eq!(loader.iter().unwrap().map(|b| b.unwrap().len()).sum::<usize>(), 24);
+    let baseline = fds_and_threads();
+    for round in 0..rounds {
+        let stop = rng.next_u64() % 8;
+        let mut it = loader.iter().unwrap();
+        let gauge = it.thread_gauge();
+        for _ in 0..stop {
+            if it.next().is_none() {
+                break;
+            }
+        }
+        drop(it);
+        assert_eq!(gauge.load(std::sync::atomic::Ordering::SeqCst), 0, "round {round}: threads left after drop");
+        if soak.is_some() {
+            let now = fds_and_threads();
+            assert_eq!(now, baseline, "round {round} (stopped after {stop} batches): (fds, threads) changed");
+        }
+    }
+    if soak.is_some() {
+        eprintln!("{rounds} drops: (fds, threads) stayed at {baseline:?}");
+    }
+}
