@@ -36,7 +36,9 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$OUT"
 if [[ -n "$BUILD" ]]; then
-    cargo build --release --bin juicer
+    # The binary `cargo test` builds (step 3 needs the test binary anyway): `cargo build --bin juicer` alone
+    # resolves burn's features without the dev-dependencies and compiles the burn stack a second time.
+    cargo test --release --no-run
 fi
 BIN="${CARGO_TARGET_DIR:-target}/release/juicer"
 

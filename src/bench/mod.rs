@@ -284,12 +284,12 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
     let mut emitted = 0u64;
     let mut open: Option<(Instant, Vec<StageSnapshot>, Option<Duration>, u64)> = None;
     let (mut samples, mut batches, mut kept, mut total, mut tokens) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut timeline = vec![Tick {
+    let mut timeline = Timeline::new(Tick {
         t: 0.0,
         samples: 0,
         rss_bytes: probe::current_rss(),
         busy: it.metrics().iter().map(|m| m.busy.as_secs_f64()).collect(),
-    }];
+    });
     let mut exhausted = true;
     let mut last: Option<(Instant, Vec<StageSnapshot>)> = None;
     let mut first_batch: Option<f64> = None;
@@ -364,9 +364,54 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
         bottleneck: bottleneck(&stages),
         stages,
         cpu_seconds: cpu0.zip(cpu1).map(|(a, b)| (a.as_secs_f64(), b.as_secs_f64())),
-        timeline,
+        timeline: timeline.finish(),
         score_cache: summary.score_cache,
     })
+}
+
+/// Most points a pipeline's timeline keeps. When it is full, every other point goes and later batches are
+/// sampled at twice the stride, so a bench of any length (a million-sample soak) holds a bounded timeline of
+/// 2,048 to 4,096 evenly spaced points plus the last one.
+const MAX_TICKS: usize = 4096;
+
+/// A timeline under construction, bounded by [`MAX_TICKS`].
+struct Timeline {
+    ticks: Vec<Tick>,
+    /// Every `stride`-th tick is kept.
+    stride: u64,
+    /// Ticks offered so far (the first one excluded).
+    seen: u64,
+    /// The latest tick when it was not kept: it closes the timeline.
+    latest: Option<Tick>,
+}
+
+impl Timeline {
+    fn new(first: Tick) -> Self {
+        Self { ticks: vec![first], stride: 1, seen: 0, latest: None }
+    }
+
+    fn push(&mut self, tick: Tick) {
+        self.seen += 1;
+        if !self.seen.is_multiple_of(self.stride) {
+            self.latest = Some(tick);
+            return;
+        }
+        if self.ticks.len() >= MAX_TICKS {
+            let mut i = 0usize;
+            self.ticks.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.stride *= 2;
+        }
+        self.ticks.push(tick);
+        self.latest = None;
+    }
+
+    fn finish(mut self) -> Vec<Tick> {
+        self.ticks.extend(self.latest);
+        self.ticks
+    }
 }
 
 /// Measures every loader at once, one thread each (one pipeline per device), and sums them up.
@@ -554,6 +599,27 @@ fn short_device(debug: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_timeline_stays_bounded_evenly_spaced_and_ends_on_the_last_batch() {
+        let tick = |n: u64| Tick { t: n as f64, samples: n, rss_bytes: None, busy: vec![0.0; 8] };
+        for batches in [10u64, 4096, 4097, 100_000] {
+            let mut timeline = Timeline::new(tick(0));
+            for n in 1..=batches {
+                timeline.push(tick(n));
+            }
+            let ticks = timeline.finish();
+            assert!(ticks.len() <= MAX_TICKS + 1, "{batches}: {} points", ticks.len());
+            assert_eq!((ticks[0].samples, ticks[ticks.len() - 1].samples), (0, batches));
+            let gaps: Vec<u64> = ticks.windows(2).map(|w| w[1].samples - w[0].samples).collect();
+            // One stride between kept points; the closing point may come sooner.
+            let (last, body) = gaps.split_last().unwrap();
+            assert!(body.iter().all(|&g| g == body[0]) && body.first().is_none_or(|&g| *last <= g), "{batches}");
+            if batches > MAX_TICKS as u64 {
+                assert!(ticks.len() > MAX_TICKS / 2, "{batches}: only {} points", ticks.len());
+            }
+        }
+    }
 
     fn snap(name: &str, workers: usize, items: u64, busy: f64, blocked: f64, starved: f64) -> StageSnapshot {
         StageSnapshot {
