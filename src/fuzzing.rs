@@ -33,8 +33,11 @@ use crate::source::{fuzz_count_tar, fuzz_read_tar};
 use crate::text::enrich::{EnrichConfig, Enricher};
 use crate::text::tokenizer::{ClipTokenizer, EOT, SOT, clean};
 
+/// A target's body: arbitrary bytes in, a panic when an invariant breaks.
+pub type Body = fn(&[u8]);
+
 /// Every target, by name: what `tests/fuzz.rs` replays and `fuzz/fuzz_targets` wraps.
-pub const TARGETS: [(&str, fn(&[u8])); 9] = [
+pub const TARGETS: [(&str, Body); 9] = [
     ("tar", tar),
     ("gzip", gzip),
     ("image", image),

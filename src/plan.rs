@@ -416,15 +416,15 @@ impl LoaderState {
                 b.pass, b.shard, b.index, c.pass, c.shard
             ));
         }
-        if let Some(ranges) = &self.ranges {
-            if let Some(i) = ranges.iter().position(|r| r.shard >= shape.n_shards || r.end.is_some_and(|e| e < r.start))
-            {
-                let r = ranges[i];
-                p.push(format!(
-                    "ranges[{i}] shard {} samples {}..{:?} is not a range of the loader's {} shard(s)",
-                    r.shard, r.start, r.end, shape.n_shards
-                ));
-            }
+        let bad_range = |r: &SampleRange| r.shard >= shape.n_shards || r.end.is_some_and(|e| e < r.start);
+        if let Some(ranges) = &self.ranges
+            && let Some(i) = ranges.iter().position(bad_range)
+        {
+            let r = ranges[i];
+            p.push(format!(
+                "ranges[{i}] shard {} samples {}..{:?} is not a range of the loader's {} shard(s)",
+                r.shard, r.start, r.end, shape.n_shards
+            ));
         }
         for (name, v) in [
             ("epoch", self.epoch),

@@ -92,6 +92,9 @@ fn a_wrong_offset_fails_with_a_state_error_naming_the_shard() {
     assert!(matches!(&err, Some(juicer::Error::State(m)) if m.contains(&shards[0]) && m.contains("byte")), "{err:?}");
 }
 
+/// A change made to a good state (or its JSON) to break it.
+type Edit<T> = Box<dyn Fn(&mut T)>;
+
 #[test]
 fn tampered_or_foreign_states_are_state_errors_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +113,7 @@ fn tampered_or_foreign_states_are_state_errors_naming_the_field() {
         edit(&mut v);
         LoaderState::from_json(&serde_json::to_vec(&v).unwrap())
     };
-    let malformed: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let malformed: Vec<(&str, Edit<serde_json::Value>)> = vec![
         ("cursor.index", Box::new(|v| v["cursor"]["index"] = (-1).into())),
         ("buffer[0].shard", Box::new(|v| v["buffer"][0]["shard"] = (1u64 << 40).into())),
         ("seed", Box::new(|v| v["seed"] = "5".into())),
@@ -123,7 +126,7 @@ fn tampered_or_foreign_states_are_state_errors_naming_the_field() {
     assert_eq!(parse(&|_| ()).unwrap(), good, "an untouched state parses back");
 
     // Well-formed, but not this loader's, or not consistent: refused by `resume`, before any thread starts.
-    let edits: Vec<(&str, Box<dyn Fn(&mut LoaderState)>)> = vec![
+    let edits: Vec<(&str, Edit<LoaderState>)> = vec![
         ("seed 6", Box::new(|s| s.seed = 6)),
         ("world", Box::new(|s| s.world = juicer::World { rank: 0, world_size: 2 })),
         ("state version 9", Box::new(|s| s.version = 9)),
