@@ -144,23 +144,22 @@ impl FolderReader {
             return Err(SampleError::new(entry.key.clone(), DropReason::MissingImage, detail));
         }
         let path = self.shard.root.join(&entry.image);
-        let at = format!("shard `{}` line {}", self.name, entry.line);
+        let at = || format!("shard `{}` line {}", self.name, entry.line);
         let too_large = |detail: String| SampleError::new(entry.key.clone(), DropReason::MemberTooLarge, detail);
         if let Some(caption) = &entry.caption {
             let size = caption.len() as u64;
-            if let Some(d) = self.limits.too_large(Role::Caption, "the caption", Some(size)) {
-                return Err(too_large(format!("{at}: {d}")));
+            if let Some(d) = self.limits.too_large(Role::Caption, || "the caption".into(), Some(size)) {
+                return Err(too_large(format!("{}: {d}", at())));
             }
         }
         let cannot_read = |e: std::io::Error| {
-            let detail = format!("{at}: cannot read `{}`: {e}", path.display());
+            let detail = format!("{}: cannot read `{}`: {e}", at(), path.display());
             SampleError::new(entry.key.clone(), DropReason::MissingImage, detail)
         };
         // The size on disk is checked before the file is read.
         let size = std::fs::metadata(&path).map_err(cannot_read)?.len();
-        let what = format!("image `{}`", path.display());
-        if let Some(d) = self.limits.too_large(Role::Image, &what, Some(size)) {
-            return Err(too_large(format!("{at}: {d}")));
+        if let Some(d) = self.limits.too_large(Role::Image, || format!("image `{}`", path.display()), Some(size)) {
+            return Err(too_large(format!("{}: {d}", at())));
         }
         let image = std::fs::read(&path).map_err(cannot_read)?;
         Ok(RawSample {

@@ -95,13 +95,14 @@ impl ReadLimits {
     }
 
     /// The message for a member of `size` bytes (`None`: unknown, it inflated past the limit) above the limit
-    /// of `role`, or `None` when it fits.
-    pub(crate) fn too_large(&self, role: Role, what: &str, size: Option<u64>) -> Option<String> {
+    /// of `role`, or `None` when it fits. `what` names the member; it is only called for the message, so the
+    /// common case (the member fits) allocates nothing.
+    pub(crate) fn too_large(&self, role: Role, what: impl FnOnce() -> String, size: Option<u64>) -> Option<String> {
         let (limit, name) = self.bytes(role);
         match size {
             Some(n) if n <= limit => None,
-            Some(n) => Some(format!("{what} has {n} bytes, above the limit of {limit} ({name})")),
-            None => Some(format!("{what} decompresses to more than {limit} bytes ({name})")),
+            Some(n) => Some(format!("{} has {n} bytes, above the limit of {limit} ({name})", what())),
+            None => Some(format!("{} decompresses to more than {limit} bytes ({name})", what())),
         }
     }
 
@@ -179,10 +180,10 @@ mod tests {
         assert_eq!(limits.bytes(Role::Caption), (10, "max_caption_bytes"));
         // A metadata limit above the member limit is capped by it.
         assert_eq!(limits.bytes(Role::Meta), (100, "max_member_bytes"));
-        assert_eq!(limits.too_large(Role::Image, "m", Some(100)), None);
-        let msg = limits.too_large(Role::Caption, "member `k.txt`", Some(11)).unwrap();
+        assert_eq!(limits.too_large(Role::Image, || "m".into(), Some(100)), None);
+        let msg = limits.too_large(Role::Caption, || "member `k.txt`".into(), Some(11)).unwrap();
         assert_eq!(msg, "member `k.txt` has 11 bytes, above the limit of 10 (max_caption_bytes)");
-        assert!(limits.too_large(Role::Image, "m", None).unwrap().contains("more than 100 bytes"));
+        assert!(limits.too_large(Role::Image, || "m".into(), None).unwrap().contains("more than 100 bytes"));
         assert_eq!(
             ReadLimits { max_json_depth: 0, ..limits }.validate(),
             vec!["max_json_depth must be greater than 0"]

@@ -351,8 +351,8 @@ fn gunzip(path: &str, data: &[u8], limits: &ReadLimits, role: Role) -> Used {
     let mut decoder = flate2::read::MultiGzDecoder::new(data).take(limit.saturating_add(1));
     decoder.read_to_end(&mut out).map_err(|e| Unusable::Corrupt(format!("member `{path}` is not valid gzip: {e}")))?;
     if out.len() as u64 > limit {
-        let what = format!("member `{path}`");
-        return Err(Unusable::TooLarge(limits.too_large(role, &what, None).unwrap_or(what)));
+        let what = || format!("member `{path}`");
+        return Err(Unusable::TooLarge(limits.too_large(role, what, None).unwrap_or_else(what)));
     }
     Ok(out)
 }
@@ -597,14 +597,11 @@ impl<M: Medium> TarSamples<M> {
                 Some(role) => (role.to_string(), true),
                 None => (member.ext.clone(), false),
             };
-            let wanted_image = image.is_none() && is_image_ext(&role);
-            let wanted_caption = caption.is_none() && role == "txt";
-            let wanted_meta = meta.is_none() && role == "json";
-            let wanted = if wanted_image {
+            let wanted = if image.is_none() && is_image_ext(&role) {
                 Some(Role::Image)
-            } else if wanted_caption {
+            } else if caption.is_none() && role == "txt" {
                 Some(Role::Caption)
-            } else if wanted_meta {
+            } else if meta.is_none() && role == "json" {
                 Some(Role::Meta)
             } else {
                 None
@@ -612,8 +609,8 @@ impl<M: Medium> TarSamples<M> {
             let res = if let Some(r) = wanted {
                 // The size the header announces is checked before a byte is allocated; a member above its
                 // limit is skipped (sought over locally) and drops the sample.
-                let what = format!("member `{}`", member.path);
-                let data = match self.limits.too_large(if gz { Role::Image } else { r }, &what, Some(member.size)) {
+                let what = || format!("member `{}`", member.path);
+                let data = match self.limits.too_large(if gz { Role::Image } else { r }, what, Some(member.size)) {
                     Some(detail) => {
                         self.walker.skip_data(&member.path, member.size).map(|()| Err(Unusable::TooLarge(detail)))
                     }
