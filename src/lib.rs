@@ -64,8 +64,9 @@
 //!   (one epoch; `Iterator`, `next_async`, `into_stream`, `state`, `summary`); `config.rs`: [`Config`],
 //!   [`LastStage`]; `builder.rs`: [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`); `models.rs`: models
 //!   loaded once at build time, the score cache's namespace; `topology.rs`: the stage graph of one epoch, wired in
-//!   diagram order; `sink.rs`: the ordered sink (checkpoint mirror, accounting, batching) and [`Summary`];
-//!   `loader.rs`: burn's `DataLoader` trait.
+//!   diagram order, and the same stages run inline over in-memory samples ([`Juicer::juice`]); `sink.rs`: the
+//!   ordered sink (checkpoint mirror, accounting, batching) and [`Summary`]; `loader.rs`: burn's `DataLoader`
+//!   trait.
 //! - [`graph`]: the runtime. Bounded instrumented edges ([`graph::Outlet`]/[`graph::Inlet`]), per-item stages on
 //!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink,
 //!   per-stage metrics, shutdown; thread bodies return [`Result`], and the first error reaches the consumer
@@ -89,7 +90,8 @@
 //!   ImageNet and CLIP normalisation constants.
 //! - [`sample`]: the item each edge carries ([`RawSample`] → [`Decoded`] → [`Scored`](sample::Scored) →
 //!   [`Pruned`](sample::Pruned) → [`JuicedSample`]) and CLIP's token context ([`sample::CONTEXT`]).
-//! - [`batch`]: [`JuicedBatch`] and the default [`JuicedBatcher`]. **Invariant:** burn appears only here, in
+//! - [`batch`]: [`HostBatch::collate`] (host buffers; [`ArrayBatcher`]), [`JuicedBatch`] and the default
+//!   [`JuicedBatcher`]. **Invariant:** burn appears only here, in
 //!   [`device`], in the loader API of [`pipeline`] (`Batcher`, `DataLoader`), in [`model`], in the model
 //!   stages of [`vision`] and in [`write`](mod@write)'s host-only `Batcher`.
 //! - [`device`]: `cpu` (flex), `wgpu[:N]`, `cuda[:N]` (the `cuda` feature), `auto` (never a software Vulkan
@@ -122,6 +124,10 @@
 //! - [`write`](mod@write): offline juicing into WebDataset shards for `juicer write` (kept-patch mosaic
 //!   `KEY.png`, enriched `KEY.txt`, original `KEY.orig.txt`, classes and scores `KEY.json`) through a
 //!   host-only batcher.
+//! - `python/`: the Python package (pyo3 + maturin; its own crate in this workspace): `python/src/lib.rs`
+//!   (`Loader`, `Epoch`, zero-copy `Array`s over [`HostBatch`] buffers, fork check), `python/src/options.rs`
+//!   (keyword options → [`JuicerBuilder`]), `python/python/juicer/__init__.py` (the `IterableDataset`,
+//!   `state_dict`, `juice`).
 //! - `src/main.rs`: the `juicer` CLI (`run`, `show`, `pack`, `write`, `bench`); parses arguments, calls the
 //!   library, prints. The only place `anyhow` is used.
 //! - **Imports point down.** Modules import what they use by its own path (`crate::error::{Error, Result}`),
@@ -167,7 +173,7 @@ pub mod text;
 pub mod vision;
 pub mod write;
 
-pub use batch::{JuicedBatch, JuicedBatcher};
+pub use batch::{ArrayBatcher, HostBatch, JuicedBatch, JuicedBatcher};
 pub use device::DeviceSpec;
 pub use error::{DropReason, Error, OnError, Result, SampleError};
 pub use pipeline::{Config, Juicer, JuicerBuilder, JuicerIter, LastStage, ShardFailure, Summary};

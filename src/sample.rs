@@ -44,6 +44,14 @@ pub struct RawSample {
     pub meta: Option<serde_json::Value>,
 }
 
+impl RawSample {
+    /// A sample that did not come from a shard (see [`crate::Juicer::juice`]): the image format is read from
+    /// its bytes; no metadata.
+    pub fn in_memory(key: impl Into<String>, image: impl Into<Bytes>, caption: Option<String>) -> Self {
+        Self { key: key.into(), image: image.into(), image_ext: String::new(), caption, meta: None }
+    }
+}
+
 /// A decoded sample: normalised pixels at model resolution.
 #[derive(Debug, Clone)]
 pub struct Decoded {

@@ -4,6 +4,7 @@ mod bench;
 mod cache;
 mod cli;
 mod fuzz;
+mod inline;
 mod labels;
 mod mobilenet;
 mod object;

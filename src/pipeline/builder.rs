@@ -214,13 +214,31 @@ impl JuicerBuilder {
     }
 
     /// Builds a loader whose batches come from the user's burn `Batcher`.
-    pub fn build_with<O, B>(mut self, batcher: B) -> Result<Juicer<O>>
+    pub fn build_with<O, B>(self, batcher: B) -> Result<Juicer<O>>
+    where
+        B: Batcher<JuicedSample, O> + 'static,
+        O: Send + 'static,
+    {
+        self.build_inner(batcher, false)
+    }
+
+    /// Builds a juicer without sources, for [`Juicer::juice`] over samples the caller holds: the models and
+    /// every setting as [`JuicerBuilder::build_with`] loads them; `iter()` on it fails (no shards).
+    pub fn build_inline<O, B>(self, batcher: B) -> Result<Juicer<O>>
+    where
+        B: Batcher<JuicedSample, O> + 'static,
+        O: Send + 'static,
+    {
+        self.build_inner(batcher, true)
+    }
+
+    fn build_inner<O, B>(mut self, batcher: B, inline: bool) -> Result<Juicer<O>>
     where
         B: Batcher<JuicedSample, O> + 'static,
         O: Send + 'static,
     {
         let mut problems = self.config.problems();
-        if self.sources.is_empty() {
+        if self.sources.is_empty() && !inline {
             problems.push("no sources given".into());
         }
         let world = match World::resolve(self.rank, self.world_size) {
@@ -239,7 +257,7 @@ impl JuicerBuilder {
         self.config.read.stats = crate::source::IoStats::default();
         let (shards, known) = resolve_counted(&self.sources, self.config.folder_shard_size, &self.config.read)?;
         let (shards, known): (Arc<[Shard]>, Arc<[Option<u64>]>) = (shards.into(), known.into());
-        if shards.len() < world.world_size {
+        if shards.len() < world.world_size && !inline {
             return Err(Error::Config(vec![format!(
                 "{} shard(s) cannot be split across {} ranks: every rank needs at least one shard",
                 shards.len(),

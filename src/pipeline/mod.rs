@@ -201,6 +201,62 @@ impl<O: Send + 'static> Juicer<O> {
         Ok(cfg.limit.map_or(n, |l| n.min(l)))
     }
 
+    /// Batches this rank yields in `epoch`: exact when ranks are kept equal (a batch target); otherwise the
+    /// batches its samples fill, the last one possibly short (samples dropped as bad make it fewer).
+    pub fn epoch_batches(&self, epoch: u64) -> Result<u64> {
+        Ok(self.epoch_samples(epoch)?.div_ceil(self.shared.config.batch_size.max(1) as u64))
+    }
+
+    /// The epoch the next `iter()`/`stream()` runs (or continues, after [`Juicer::resume`]).
+    pub fn next_epoch(&self) -> Result<u64> {
+        match &*self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))? {
+            Next::Epoch(e) => Ok(*e),
+            Next::Resume(s) => Ok(s.epoch),
+        }
+    }
+
+    /// The state the next `iter()`/`stream()` starts from: a loaded one, or the start of the next epoch.
+    pub fn next_state(&self) -> Result<LoaderState> {
+        let next = self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))?.clone();
+        Ok(match next {
+            Next::Epoch(e) => self.fresh_state(e),
+            Next::Resume(s) => *s,
+        })
+    }
+
+    /// Juices samples that do not come from a shard (bytes in memory, e.g. one batch of another pipeline) into
+    /// one batch, on the calling thread: the stages an epoch's graph runs, in the same order, models in
+    /// micro-batches, without the score cache; enrichment draws as in epoch 0. Returns the batch of the samples
+    /// that made it, in input order, and the dropped ones, each naming its key (under [`OnError::Fail`], the
+    /// first bad sample is the error instead).
+    ///
+    /// [`OnError::Fail`]: crate::OnError::Fail
+    pub fn juice(&self, samples: Vec<crate::sample::RawSample>) -> Result<(O, Vec<SampleError>)> {
+        let s = &self.shared;
+        let results = topology::juice_inline(&s.config, &s.models, &self.device, 0, samples)?;
+        let mut kept = Vec::with_capacity(results.len());
+        let mut dropped = Vec::new();
+        for r in results {
+            match r {
+                Ok(x) => kept.push(x),
+                Err(e) if s.config.on_error == crate::OnError::Fail => return Err(Error::Sample(e)),
+                Err(e) => dropped.push(e),
+            }
+        }
+        Ok((self.batcher.batch(kept, &self.device), dropped))
+    }
+
+    /// Makes the next `iter()`/`stream()` run `epoch` from its start, unless a state loaded by
+    /// [`Juicer::resume`] points into that same epoch, which then continues where it stopped: the `set_epoch(n)`
+    /// that PyTorch samplers and Lightning call before every epoch, also after loading a checkpoint.
+    pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        let mut next = self.next.lock().map_err(|_| Error::State("loader lock poisoned".into()))?;
+        if !matches!(&*next, Next::Resume(s) if s.epoch == epoch) {
+            *next = Next::Epoch(epoch);
+        }
+        Ok(())
+    }
+
     /// Makes the next `iter()`/`stream()` continue exactly from `state` (taken from [`JuicerIter::state`]).
     pub fn resume(&self, state: LoaderState) -> Result<()> {
         let s = &self.shared;
@@ -384,6 +440,11 @@ impl<O: Send + 'static> Juicer<O> {
 
     fn start(&self, state: LoaderState) -> Result<JuicerIter<O>> {
         let s = &self.shared;
+        if s.shards.is_empty() {
+            return Err(Error::Config(vec![
+                "no shards to iterate (built with `build_inline`, for `juice` only)".into(),
+            ]));
+        }
         let cfg = &s.config;
         let (tasks, target) = match &state.ranges {
             // An elastic epoch: the rank's piece, once, to its end.

@@ -9,6 +9,9 @@
 //! stage and ends the graph there with a `finish` stage ([`Finish`]) that turns whatever the last stage
 //! produced into the sample the batcher takes.
 //!
+//! [`juice_inline`] runs the same stages, built by the same functions, one after the other on the calling thread
+//! over samples held in memory ([`super::Juicer::juice`]): no graph, no score cache.
+//!
 //! Which runtime each stage gets is decided here, nowhere else: per-item stages run on the decode worker pool
 //! (`decode_workers` threads each); the model scorers and the extract classifier run on model threads
 //! (`model_workers` replicas, micro-batched), the cam scorer's outputs behind the score cache when there is one.
@@ -144,8 +147,25 @@ fn stages(
         return graph.map(pruned, Arc::new(Finish::<Pruned>::new(patch)), workers);
     }
 
-    let extract = Extract {
-        classifier: None,
+    let extract = extract_stage(cfg, m);
+    let juiced = if extract.classifier.is_none() {
+        // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
+        graph.map(pruned, Arc::new(extract), workers)?
+    } else {
+        graph.model("extract", pruned, replicas(&extract, v.model_workers), v.micro_batch, v.max_wait)?
+    };
+    if stop_after(LastStage::Extract) {
+        return Ok(juiced);
+    }
+
+    graph.map(juiced, Arc::new(enrich_stage(m, epoch)), workers)
+}
+
+/// The extract stage; it runs the classifier itself unless the scorer did (cam).
+fn extract_stage(cfg: &Config, m: &Models) -> Extract {
+    let v = &cfg.vision;
+    Extract {
+        classifier: (v.scorer != ScorerSpec::Cam).then(|| m.classifier.clone()),
         rule: v.extract,
         top_k: v.top_k,
         min_prob: v.min_prob,
@@ -153,20 +173,23 @@ fn stages(
         second_threshold: v.second_threshold,
         vocabulary: m.vocabulary.clone(),
         input_norm: m.input_norm,
-    };
-    let juiced = if v.scorer == ScorerSpec::Cam {
-        // The cam scorer's forward already produced the class candidates: extract is plain CPU work.
-        graph.map(pruned, Arc::new(extract), workers)?
-    } else {
-        let extract = Extract { classifier: Some(m.classifier.clone()), ..extract };
-        graph.model("extract", pruned, replicas(&extract, v.model_workers), v.micro_batch, v.max_wait)?
-    };
-    if stop_after(LastStage::Extract) {
-        return Ok(juiced);
     }
+}
 
-    let enrich = EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch };
-    graph.map(juiced, Arc::new(enrich), workers)
+fn enrich_stage(m: &Models, epoch: u64) -> EnrichStage {
+    EnrichStage { enricher: m.enricher.clone(), tokenizer: m.tokenizer, epoch }
+}
+
+fn cam_scorer(cfg: &Config, m: &Models) -> CamScorer {
+    let v = &cfg.vision;
+    let top_k = v.extract.candidates(v.top_k);
+    let score_size = v.score_size.unwrap_or(cfg.decode.image_size);
+    CamScorer { classifier: m.classifier.clone(), patch: cfg.patch_size, cam_top: v.cam_top, top_k, score_size }
+}
+
+fn attention_scorer(m: &Models, v: &VisionConfig, device: &Device) -> Result<AttentionScorer> {
+    let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
+    Ok(AttentionScorer { vit, device: device.clone(), threads: IntraOp::new(v.intra_op_threads) })
 }
 
 /// The `score` stage for the configured scorer.
@@ -175,23 +198,8 @@ fn score(graph: &mut Graph, decoded: Edge<Decoded>, cfg: &Config, m: &Models, de
     let patch = cfg.patch_size;
     let cache = m.score_cache.as_ref();
     match &v.scorer {
-        ScorerSpec::Cam => {
-            let top_k = v.extract.candidates(v.top_k);
-            let score_size = v.score_size.unwrap_or(cfg.decode.image_size);
-            let stage = CamScorer { classifier: m.classifier.clone(), patch, cam_top: v.cam_top, top_k, score_size };
-            model_scorer(graph, decoded, stage, cache, patch, v)
-        }
-        ScorerSpec::Attention(_) => {
-            let vit = m.vit.clone().ok_or_else(|| Error::Config(vec!["attention scorer without a ViT".into()]))?;
-            model_scorer(
-                graph,
-                decoded,
-                AttentionScorer { vit, device: device.clone(), threads: IntraOp::new(v.intra_op_threads) },
-                cache,
-                patch,
-                v,
-            )
-        }
+        ScorerSpec::Cam => model_scorer(graph, decoded, cam_scorer(cfg, m), cache, patch, v),
+        ScorerSpec::Attention(_) => model_scorer(graph, decoded, attention_scorer(m, v, device)?, cache, patch, v),
         ScorerSpec::Random => {
             graph.map(decoded, Arc::new(PlainScorer { seed: Some(cfg.seed), patch }), cfg.decode_workers)
         }
@@ -281,4 +289,92 @@ impl<T: Unfinished> Stage for Finish<T> {
     fn process(&self, item: T) -> std::result::Result<JuicedSample, SampleError> {
         Ok(item.pruned(self.patch).into_juiced(Vec::new()))
     }
+}
+
+/// What [`juice_inline`] returns: one result per input sample, in input order.
+pub(super) type Juiced = Vec<std::result::Result<JuicedSample, SampleError>>;
+
+/// Runs decode → score → prune → extract → enrich (stopping after [`Config::last_stage`]) over `raws` on the
+/// calling thread, with the stages the graph runs, model stages in micro-batches of `micro_batch`. No score
+/// cache. One result per input, in input order.
+pub(super) fn juice_inline(
+    cfg: &Config,
+    m: &Models,
+    device: &Device,
+    epoch: u64,
+    raws: Vec<crate::sample::RawSample>,
+) -> Result<Juiced> {
+    let v = &cfg.vision;
+    let patch = cfg.patch_size;
+    let micro = v.micro_batch.max(1);
+    let stop_after = |stage: LastStage| cfg.last_stage == stage;
+    let decoded = each(&DecodeStage(Decoder::new(cfg.decode.clone())), raws.into_iter().map(Ok).collect());
+    if stop_after(LastStage::Decode) {
+        return Ok(each(&Finish::<Decoded>::new(patch), decoded));
+    }
+    let scored = match &v.scorer {
+        ScorerSpec::Cam => batched(&mut cam_scorer(cfg, m), decoded, micro),
+        ScorerSpec::Attention(_) => batched(&mut attention_scorer(m, v, device)?, decoded, micro),
+        ScorerSpec::Random => each(&PlainScorer { seed: Some(cfg.seed), patch }, decoded),
+        ScorerSpec::None => each(&PlainScorer { seed: None, patch }, decoded),
+    };
+    if stop_after(LastStage::Score) {
+        return Ok(each(&Finish::<Scored>::new(patch), scored));
+    }
+    let pruned = each(&PruneStage(v.prune), scored);
+    if stop_after(LastStage::Prune) {
+        return Ok(each(&Finish::<Pruned>::new(patch), pruned));
+    }
+    let mut extract = extract_stage(cfg, m);
+    let juiced =
+        if extract.classifier.is_none() { each(&extract, pruned) } else { batched(&mut extract, pruned, micro) };
+    if stop_after(LastStage::Extract) {
+        return Ok(juiced);
+    }
+    Ok(each(&enrich_stage(m, epoch), juiced))
+}
+
+type Items<T> = Vec<std::result::Result<T, SampleError>>;
+
+/// A per-item stage over the items that are still samples; failures pass through in place.
+fn each<S: Stage>(stage: &S, items: Items<S::In>) -> Items<S::Out> {
+    items.into_iter().map(|i| i.and_then(|x| stage.process(x))).collect()
+}
+
+/// A micro-batch stage over the items that are still samples, `micro` at a time; failures pass through in
+/// place.
+fn batched<S: BatchStage>(stage: &mut S, items: Items<S::In>, micro: usize) -> Items<S::Out> {
+    let mut out: Vec<Option<std::result::Result<S::Out, SampleError>>> = Vec::with_capacity(items.len());
+    let mut pending: Vec<(usize, S::In)> = Vec::with_capacity(micro);
+    let mut flush = |pending: &mut Vec<(usize, S::In)>, out: &mut Vec<Option<_>>| {
+        let (slots, batch): (Vec<usize>, Vec<S::In>) = pending.drain(..).unzip();
+        for (slot, r) in slots.into_iter().zip(stage.process_batch(batch)) {
+            out[slot] = Some(r);
+        }
+    };
+    for item in items {
+        match item {
+            Ok(x) => {
+                pending.push((out.len(), x));
+                out.push(None);
+                if pending.len() == micro {
+                    flush(&mut pending, &mut out);
+                }
+            }
+            Err(e) => out.push(Some(Err(e))),
+        }
+    }
+    flush(&mut pending, &mut out);
+    // `process_batch` returns one result per input (its contract); a short answer reads as a stage failure.
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(SampleError::new(
+                    "",
+                    crate::error::DropReason::StageFailed,
+                    "a micro-batch stage returned fewer results than items",
+                ))
+            })
+        })
+        .collect()
 }
