@@ -284,12 +284,15 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
     let mut emitted = 0u64;
     let mut open: Option<(Instant, Vec<StageSnapshot>, Option<Duration>, u64)> = None;
     let (mut samples, mut batches, mut kept, mut total, mut tokens) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut timeline = Timeline::new(Tick {
-        t: 0.0,
-        samples: 0,
-        rss_bytes: probe::current_rss(),
-        busy: it.metrics().iter().map(|m| m.busy.as_secs_f64()).collect(),
-    });
+    let mut timeline = Timeline::new(
+        Tick {
+            t: 0.0,
+            samples: 0,
+            rss_bytes: probe::current_rss(),
+            busy: it.metrics().iter().map(|m| m.busy.as_secs_f64()).collect(),
+        },
+        epoch_ticks(window.epochs),
+    );
     let mut exhausted = true;
     let mut last: Option<(Instant, Vec<StageSnapshot>)> = None;
     let mut first_batch: Option<f64> = None;
@@ -369,14 +372,21 @@ pub fn measure(loader: &Juicer<JuicedBatch>, window: &Window) -> Result<Pipeline
     })
 }
 
-/// Most points a pipeline's timeline keeps. When it is full, every other point goes and later batches are
-/// sampled at twice the stride, so a bench of any length (a million-sample soak) holds a bounded timeline of
-/// 2,048 to 4,096 evenly spaced points plus the last one.
+/// Most points one pipeline's timelines keep, over all its epochs. When an epoch's timeline is full, every other
+/// point goes and later batches are sampled at twice the stride, so a bench of any length holds a bounded
+/// timeline of evenly spaced points plus the last one: 2,048 to 4,096 for one epoch, and with `--epochs N` each
+/// epoch gets `MAX_TICKS / N` (at least [`MIN_TICKS`]), so that a soak of 100 epochs does not grow with its
+/// reports (it did, by about 60 KB an epoch).
 const MAX_TICKS: usize = 4096;
 
-/// A timeline under construction, bounded by [`MAX_TICKS`].
+/// Fewest points an epoch's timeline may be bounded to.
+const MIN_TICKS: usize = 64;
+
+/// A timeline under construction, bounded by `max` points (see [`MAX_TICKS`]).
 struct Timeline {
     ticks: Vec<Tick>,
+    /// Most points kept.
+    max: usize,
     /// Every `stride`-th tick is kept.
     stride: u64,
     /// Ticks offered so far (the first one excluded).
@@ -386,8 +396,8 @@ struct Timeline {
 }
 
 impl Timeline {
-    fn new(first: Tick) -> Self {
-        Self { ticks: vec![first], stride: 1, seen: 0, latest: None }
+    fn new(first: Tick, max: usize) -> Self {
+        Self { ticks: vec![first], max: max.max(2), stride: 1, seen: 0, latest: None }
     }
 
     fn push(&mut self, tick: Tick) {
@@ -396,7 +406,7 @@ impl Timeline {
             self.latest = Some(tick);
             return;
         }
-        if self.ticks.len() >= MAX_TICKS {
+        if self.ticks.len() >= self.max {
             let mut i = 0usize;
             self.ticks.retain(|_| {
                 i += 1;
@@ -410,8 +420,15 @@ impl Timeline {
 
     fn finish(mut self) -> Vec<Tick> {
         self.ticks.extend(self.latest);
+        self.ticks.shrink_to_fit();
         self.ticks
     }
+}
+
+/// Points each epoch's timeline keeps when a pipeline measures `epochs` epochs (see [`MAX_TICKS`]).
+fn epoch_ticks(epochs: u64) -> usize {
+    let epochs = usize::try_from(epochs.max(1)).unwrap_or(usize::MAX);
+    (MAX_TICKS / epochs).max(MIN_TICKS)
 }
 
 /// Measures every loader at once, one thread each (one pipeline per device), and sums them up.
@@ -604,7 +621,7 @@ mod tests {
     fn a_long_timeline_stays_bounded_evenly_spaced_and_ends_on_the_last_batch() {
         let tick = |n: u64| Tick { t: n as f64, samples: n, rss_bytes: None, busy: vec![0.0; 8] };
         for batches in [10u64, 4096, 4097, 100_000] {
-            let mut timeline = Timeline::new(tick(0));
+            let mut timeline = Timeline::new(tick(0), MAX_TICKS);
             for n in 1..=batches {
                 timeline.push(tick(n));
             }
@@ -619,6 +636,23 @@ mod tests {
                 assert!(ticks.len() > MAX_TICKS / 2, "{batches}: only {} points", ticks.len());
             }
         }
+    }
+
+    #[test]
+    fn the_epochs_of_a_long_bench_share_one_bound() {
+        assert_eq!(epoch_ticks(0), MAX_TICKS);
+        assert_eq!(epoch_ticks(1), MAX_TICKS);
+        assert_eq!(epoch_ticks(4), MAX_TICKS / 4);
+        assert_eq!(epoch_ticks(100), MIN_TICKS);
+        let tick = |n: u64| Tick { t: n as f64, samples: n, rss_bytes: None, busy: vec![0.0; 8] };
+        let mut timeline = Timeline::new(tick(0), epoch_ticks(100));
+        for n in 1..=313 {
+            timeline.push(tick(n));
+        }
+        let ticks = timeline.finish();
+        assert!(ticks.len() <= MIN_TICKS + 1 && ticks.len() > MIN_TICKS / 2, "{} points", ticks.len());
+        assert_eq!(ticks.capacity(), ticks.len());
+        assert_eq!(ticks[ticks.len() - 1].samples, 313);
     }
 
     fn snap(name: &str, workers: usize, items: u64, busy: f64, blocked: f64, starved: f64) -> StageSnapshot {
