@@ -333,6 +333,7 @@ struct PackArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    juicer::device::cap_malloc_arenas();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
