@@ -17,6 +17,10 @@
 //! Errors: the crate's [`juicer::Error`] becomes `juicer.JuicerError` with the same message (a bad weights file
 //! names the tensor, a missing shard names the shard); option errors are `TypeError`/`ValueError` naming the
 //! option.
+//!
+//! Every item here is private (Python sees the module, not the Rust items): read these docs with
+//! `cargo doc -p juicer-python --document-private-items`.
+#![allow(rustdoc::private_intra_doc_links)]
 
 use std::ffi::{CString, c_int, c_void};
 use std::sync::Mutex;
@@ -159,7 +163,7 @@ impl Loader {
         images: Vec<Bound<'_, PyBytes>>,
         captions: Vec<Option<String>>,
         keys: Vec<String>,
-    ) -> PyResult<(Batch, Vec<(String, String, String)>)> {
+    ) -> PyResult<(Batch, Vec<Dropped>)> {
         check_fork()?;
         if captions.len() != images.len() || keys.len() != images.len() {
             return Err(pyo3::exceptions::PyValueError::new_err(format!(
@@ -226,7 +230,7 @@ impl Epoch {
     }
 
     /// Samples dropped since the last call: `(key, reason, detail)` each.
-    fn take_dropped(&self) -> PyResult<Vec<(String, String, String)>> {
+    fn take_dropped(&self) -> PyResult<Vec<Dropped>> {
         let mut guard = lock(&self.iter)?;
         let iter = guard.as_mut().ok_or_else(|| PyRuntimeError::new_err("the epoch was closed"))?;
         Ok(iter.take_dropped().into_iter().map(|e| (e.key, e.reason.as_str().to_string(), e.detail)).collect())
@@ -444,6 +448,9 @@ fn _reference_batches(
     })
     .map_err(py_err)
 }
+
+/// A dropped sample as Python sees it: `(key, reason, detail)`.
+type Dropped = (String, String, String);
 
 type RefBatch = (Vec<String>, Vec<u8>, Vec<u8>, Vec<bool>, Vec<u8>, Vec<bool>);
 
