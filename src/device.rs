@@ -21,6 +21,14 @@
 //! (at least 2); the `juicer` binary calls it first thing. With the cap the same soak stays flat and lower
 //! (89–95 MiB against 113–132), at a CPU cost per sample within the run-to-run spread on the cam path; mimalloc,
 //! also measured, stayed flat but 100 MiB higher (README, "Soak").
+//!
+//! # Headless Vulkan
+//! `auto` probes wgpu's adapters, and creating a Vulkan instance loads Mesa's implicit layer
+//! `VK_LAYER_MESA_device_select`, which connects to a Wayland compositor to order the GPUs for its display. On a
+//! server there is none: libwayland prints `error: XDG_RUNTIME_DIR is invalid or not set in the environment.`
+//! twice on stderr before juicer says anything, on every machine with Mesa's Vulkan drivers (CI's included).
+//! [`quiet_headless_vulkan`] turns the layer off through its own switch (`NODEVICE_SELECT=1`) when there is no
+//! session to order devices for; adapters and their order are otherwise unchanged.
 
 use std::fmt;
 use std::str::FromStr;
@@ -48,6 +56,24 @@ pub fn cap_malloc_arenas() -> Option<usize> {
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     None
+}
+
+/// Sets `NODEVICE_SELECT=1` when the process has no desktop session (`XDG_RUNTIME_DIR` unset or empty) and
+/// the user has not set the variable, so that Mesa's device-select Vulkan layer does not print libwayland's
+/// errors on stderr (module docs, "Headless Vulkan"). Returns whether it set the variable.
+///
+/// # Safety
+/// It writes the process environment, which is sound only while no other thread reads or writes it: call it
+/// first thing in `main`, before the program starts threads. (Python: the package does the same with
+/// `os.environ` when it is imported.)
+pub unsafe fn quiet_headless_vulkan() -> bool {
+    let no_session = std::env::var_os("XDG_RUNTIME_DIR").is_none_or(|v| v.is_empty());
+    if !no_session || std::env::var_os("NODEVICE_SELECT").is_some() {
+        return false;
+    }
+    // SAFETY: the caller guarantees no other thread touches the environment (see # Safety).
+    unsafe { std::env::set_var("NODEVICE_SELECT", "1") };
+    true
 }
 
 /// A device request as the user writes it.

@@ -334,6 +334,8 @@ struct PackArgs {
 
 fn main() -> std::process::ExitCode {
     juicer::device::cap_malloc_arenas();
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { juicer::device::quiet_headless_vulkan() };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),

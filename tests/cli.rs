@@ -264,6 +264,27 @@ fn rank_one_of_three_reads_only_its_shard_under_the_default_epoch_policy() {
 }
 
 #[test]
+fn a_headless_run_on_the_auto_device_prints_nothing_but_its_own_lines_on_stderr() {
+    // `auto` probes wgpu; without the fix, Mesa's device-select Vulkan layer (installed wherever Mesa's Vulkan
+    // drivers are, CI included) made libwayland print "error: XDG_RUNTIME_DIR is invalid ..." twice here.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_juicer"))
+        .args(["run", SHARDS, "--scorer", "random", "--limit", "4"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("NODEVICE_SELECT")
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .env_remove("SLURM_PROCID")
+        .env_remove("SLURM_NTASKS")
+        .output()
+        .expect("spawn the juicer binary");
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR") && !err.lines().any(|l| l.starts_with("error:")), "{err}");
+    assert!(summary_line(&out).contains("read 4 = emitted 4 + dropped 0"), "{}", summary_line(&out));
+}
+
+#[test]
 fn a_missing_shard_fails_naming_it() {
     let out = juicer(&["run", "fixtures/shards/gcompris-{000000..000003}.tar", "--device", "cpu"]);
     assert!(!out.status.success());

@@ -39,6 +39,12 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
+# Without a desktop session, Mesa's device-select Vulkan layer makes libwayland print "error: XDG_RUNTIME_DIR is
+# invalid or not set" when juicer probes for a GPU; its own switch turns it off (the crate's juicer::device docs,
+# "Headless Vulkan"). Set before the extension loads, unless the user chose.
+if not os.environ.get("XDG_RUNTIME_DIR"):
+    os.environ.setdefault("NODEVICE_SELECT", "1")
+
 from . import _juicer
 from ._juicer import OPTIONS, JuicerError
 
