@@ -482,6 +482,7 @@ impl<O: Send + 'static> Juicer<O> {
             dropped: Vec::new(),
             unreadable: Vec::new(),
             started: Instant::now(),
+            trimmed: Instant::now(),
             total,
             finished: false,
         })
@@ -499,6 +500,8 @@ pub struct JuicerIter<O> {
     /// The first unreadable shards ([`Summary::unreadable_shards`]).
     unreadable: Vec<ShardFailure>,
     started: Instant,
+    /// When this iterator last gave the allocator's free pages back ([`crate::device::release_free_memory`]).
+    trimmed: Instant,
     total: Option<u64>,
     finished: bool,
 }
@@ -574,6 +577,10 @@ impl<O> JuicerIter<O> {
                 self.state = *state;
                 self.note_unreadable(&dropped);
                 self.dropped.extend(dropped);
+                if self.trimmed.elapsed() >= crate::device::TRIM_EVERY {
+                    crate::device::release_free_memory();
+                    self.trimmed = Instant::now();
+                }
                 Some(Ok(batch))
             }
             Output::Error { error, state } => {
