@@ -7,7 +7,7 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use crate::util::{Fault, fixtures, juicer, make_shards, png, png_bomb, specs, stderr};
+use crate::util::{Fault, fixtures, juicer, juicer_command, make_shards, png, png_bomb, specs, stderr};
 
 const SHARDS: &str = "fixtures/shards/gcompris-{000000..000002}.tar";
 const SHARD_FILES: [&str; 3] = ["gcompris-000000.tar", "gcompris-000001.tar", "gcompris-000002.tar"];
@@ -267,15 +267,9 @@ fn rank_one_of_three_reads_only_its_shard_under_the_default_epoch_policy() {
 fn a_headless_run_on_the_auto_device_prints_nothing_but_its_own_lines_on_stderr() {
     // `auto` probes wgpu; without the fix, Mesa's device-select Vulkan layer (installed wherever Mesa's Vulkan
     // drivers are, CI included) made libwayland print "error: XDG_RUNTIME_DIR is invalid ..." twice here.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_juicer"))
-        .args(["run", SHARDS, "--scorer", "random", "--limit", "4"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
+    let out = juicer_command(&["run", SHARDS, "--scorer", "random", "--limit", "4"])
         .env_remove("XDG_RUNTIME_DIR")
         .env_remove("NODEVICE_SELECT")
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS")
         .output()
         .expect("spawn the juicer binary");
     let err = stderr(&out);

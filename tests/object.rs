@@ -9,18 +9,12 @@ use juicer::source::{Manifest, ReadOptions, Shard};
 use juicer::{DeviceSpec, EpochSize, JuicedBatch, LastStage};
 
 use crate::s3util::{KEYS, Proxy, bucket, moto, put, s3_opts, upload};
-use crate::util::{Fault, fixtures, make_shards, specs};
+use crate::util::{Fault, fixtures, juicer_command, make_shards, specs};
 
 /// `juicer` with the S3 environment of a user of an S3-compatible store at `endpoint`.
 fn juicer_s3(args: &[&str], endpoint: std::net::SocketAddr) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_juicer"));
-    cmd.args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("AWS_ENDPOINT_URL", format!("http://{endpoint}"))
-        .env_remove("RANK")
-        .env_remove("WORLD_SIZE")
-        .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS");
+    let mut cmd = juicer_command(args);
+    cmd.env("AWS_ENDPOINT_URL", format!("http://{endpoint}"));
     for (k, v) in KEYS {
         cmd.env(k.to_ascii_uppercase(), v);
     }

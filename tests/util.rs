@@ -103,20 +103,25 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }
 
-/// Runs the `juicer` binary from the repository root (so fixture paths are relative, as a user types them), with
-/// the rank and backtrace variables of the test environment removed.
-pub fn juicer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_juicer"))
-        .args(args)
+/// The `juicer` binary with `args`, to run from the repository root (so fixture paths are relative, as a user
+/// types them), with the rank and backtrace variables of the test environment removed; add to its environment
+/// before running it.
+pub fn juicer_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_juicer"));
+    cmd.args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("RUST_BACKTRACE")
         .env_remove("RUST_LIB_BACKTRACE")
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .env_remove("SLURM_PROCID")
-        .env_remove("SLURM_NTASKS")
-        .output()
-        .expect("spawn the juicer binary")
+        .env_remove("SLURM_NTASKS");
+    cmd
+}
+
+/// Runs [`juicer_command`] to its end.
+pub fn juicer(args: &[&str]) -> Output {
+    juicer_command(args).output().expect("spawn the juicer binary")
 }
 
 /// A finished process's stderr as text.
