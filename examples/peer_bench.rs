@@ -6,6 +6,7 @@
 //! target/release/examples/peer_bench cam-inputs --out target/peers/cam_inputs.f32
 //! target/release/examples/peer_bench cam --inputs target/peers/cam_inputs.f32 --batch 16 --images 128
 //! target/release/examples/peer_bench tokenize --captions fixtures/gcompris/pairs.jsonl --count 20000
+//! target/release/examples/peer_bench jpeg --shards target/peers/photos-640x480-n500/*.tar --upto libjpeg
 //! ```
 //!
 //! - `cam-inputs`: decodes the 73 fixture photos (`fixtures/gcompris/*.webp`, sorted by name) with juicer's
@@ -23,9 +24,15 @@
 //!   on one thread, collected into `[count, 77]` rows as `open_clip.tokenize` returns them. An untimed pass over
 //!   the distinct captions warms the tokenizer (and its BPE word cache; open_clip's is warmed the same way) and
 //!   gives the rows the runner compares with open_clip's.
+//! - `jpeg`: the floor under juicer's decode path. The `.jpg` members of `--shards` are read into memory; after
+//!   one untimed pass over them, `--threads` threads (each taking every N-th image) decode them `--passes` times:
+//!   with `--upto libjpeg` libjpeg-turbo alone, at the reduced scale [`Decoder`] chooses for the 224-px crop
+//!   (`draft_numerator`), nothing after it; with `--upto resize` `Decoder::crop_rgb8` (that decoding and the
+//!   resize to the 224×224 crop). Everything the graph adds (reading, normalising, patchifying, batching, the
+//!   channels) is left out, so `per_s` bounds what `juicer bench --stages decode` can reach on the same cores.
 //!
 //! Output (stdout, one line): `{"side": "juicer", "task", "items", "seconds", "per_s", "cpu_seconds", "threads",
-//! ..., "check": {...}}`; `per_s` is images/s (`cam`) or captions/s (`tokenize`); `cpu_seconds` is the process CPU
+//! ..., "check": {...}}`; `per_s` is images/s (`cam`, `jpeg`) or captions/s (`tokenize`); `cpu_seconds` is the process CPU
 //! time (user + system, all threads) spent in the timed region, which a busy machine disturbs less than wall time.
 
 use std::path::{Path, PathBuf};
@@ -35,7 +42,7 @@ use anyhow::{Context, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use juicer::bench::probe::cpu_time;
-use juicer::decode::{DecodeConfig, Decoder};
+use juicer::decode::{DecodeConfig, Decoder, draft_numerator};
 use juicer::sample::{Decoded, RawSample};
 use juicer::stage::BatchStage;
 use juicer::text::tokenizer::{CONTEXT, ClipTokenizer};
@@ -73,6 +80,22 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         images: usize,
     },
+    /// Time JPEG decoding alone on the shards' `.jpg` members: the floor under juicer's decode path.
+    Jpeg {
+        /// WebDataset tar shards; their `.jpg`/`.jpeg` members are read into memory first.
+        #[arg(long, num_args = 1.., required = true)]
+        shards: Vec<PathBuf>,
+        /// How far to go: `libjpeg` (decoding at the scale juicer chooses, nothing else) or `resize` (the
+        /// decoder's `crop_rgb8`: decoding + the resize to the 224×224 crop).
+        #[arg(long, value_enum, default_value_t = Upto::Libjpeg)]
+        upto: Upto,
+        /// Decoding threads, each taking every N-th image.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Passes over the images in the timed region.
+        #[arg(long, default_value_t = 3)]
+        passes: usize,
+    },
     /// Time CLIP tokenisation of the fixture captions, cycled.
     Tokenize {
         /// `pairs.jsonl` (one `{"caption": ...}` per line).
@@ -88,6 +111,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::CamInputs { photos, out } => cam_inputs(&photos, &out),
         Command::Cam { inputs, batch, images } => cam(&inputs, batch, images),
+        Command::Jpeg { shards, upto, threads, passes } => jpeg(&shards, upto, threads, passes),
         Command::Tokenize { captions, count } => tokenize(&captions, count),
     }
 }
@@ -209,6 +233,99 @@ fn cam(inputs: &Path, batch: usize, images: usize) -> anyhow::Result<()> {
         "cpu_seconds": cpu,
         "threads": threads(),
         "check": { "top3": top3, "saliency": saliency },
+    });
+    println!("{record}");
+    Ok(())
+}
+
+/// How far `peer_bench jpeg` decodes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Upto {
+    /// libjpeg-turbo at the reduced scale `Decoder` chooses, nothing after it.
+    Libjpeg,
+    /// `Decoder::crop_rgb8`: that decoding and the resize to the 224×224 crop.
+    Resize,
+}
+
+/// The `.jpg`/`.jpeg` members of the tar shards, in shard and member order.
+fn jpeg_members(shards: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    for path in shards {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut archive = tar::Archive::new(file);
+        for entry in archive.entries().with_context(|| format!("reading {}", path.display()))? {
+            let mut entry = entry.with_context(|| format!("reading {}", path.display()))?;
+            let name = entry.path()?.to_string_lossy().to_lowercase();
+            if name.ends_with(".jpg") || name.ends_with(".jpeg") {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut bytes)?;
+                out.push(bytes);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes one JPEG as far as `upto` says; the number of output bytes (kept so the work is not optimised away).
+fn jpeg_one(decoder: &Decoder, bytes: &[u8], resize: bool) -> anyhow::Result<usize> {
+    if resize {
+        let (crop, _) = decoder.crop_rgb8(bytes, "jpg").map_err(|(reason, e)| anyhow::anyhow!("{reason}: {e}"))?;
+        return Ok(crop.len());
+    }
+    // What `Decoder` does before its resize: libjpeg at the scale `draft_numerator` picks for the crop's box.
+    let mut d = mozjpeg::Decompress::new_mem(bytes)?;
+    let [_, _, bw, bh] = decoder.geometry(d.width() as u32, d.height() as u32).src_box;
+    d.scale(draft_numerator(bw, bh, SIZE as f64));
+    let mut image = d.rgb()?;
+    let pixels: Vec<u8> = image.read_scanlines()?;
+    image.finish()?;
+    Ok(pixels.len())
+}
+
+fn jpeg(shards: &[PathBuf], upto: Upto, threads: usize, passes: usize) -> anyhow::Result<()> {
+    let resize = upto == Upto::Resize;
+    let images = jpeg_members(shards)?;
+    if images.is_empty() {
+        bail!("no .jpg members in the shards");
+    }
+    let decoder = Decoder::new(DecodeConfig::default());
+    let threads = threads.max(1);
+    // Untimed: every image once (checks that each decodes, warms the allocator and the caches).
+    for bytes in &images {
+        jpeg_one(&decoder, bytes, resize)?;
+    }
+    let (t, c) = (Instant::now(), cpu_seconds());
+    let results: Vec<anyhow::Result<usize>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|w| {
+                let (images, decoder) = (&images, &decoder);
+                scope.spawn(move || -> anyhow::Result<usize> {
+                    let mut bytes_out = 0;
+                    for _ in 0..passes {
+                        for bytes in images.iter().skip(w).step_by(threads) {
+                            bytes_out += jpeg_one(decoder, bytes, resize)?;
+                        }
+                    }
+                    Ok(bytes_out)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a thread panicked")))).collect()
+    });
+    let seconds = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - c;
+    for r in results {
+        std::hint::black_box(r?);
+    }
+    let items = images.len() * passes;
+    let record = serde_json::json!({
+        "side": "juicer",
+        "task": if resize { "jpeg-resize" } else { "jpeg-libjpeg" },
+        "items": items,
+        "seconds": seconds,
+        "per_s": items as f64 / seconds,
+        "cpu_seconds": cpu,
+        "threads": threads,
     });
     println!("{record}");
     Ok(())

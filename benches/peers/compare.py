@@ -244,6 +244,15 @@ def main():
                                 juicer_decode(shards), python_decode(shards)))
         comps.append(Comparison(key + "_full", "  the same, JPEG decoded at full resolution (--full-res-jpeg)",
                                 "img/s", juicer_decode(shards, "--full-res-jpeg"), python_decode(shards)))
+    # The floor under the photo rows: juicer's JPEG decoding alone on the same cores (libjpeg at the reduced scale,
+    # then also the resize), nothing the graph adds. The ratio of a decode row cannot exceed these.
+    for upto, what in [("libjpeg", "libjpeg-turbo alone at juicer's reduced scale"),
+                       ("resize", "libjpeg-turbo + the resize to the 224 crop")]:
+        comps.append(Comparison(
+            f"decode_floor_{upto}", f"  floor: {what}, photo crops, {n_cores} threads, nothing else", "img/s",
+            lambda upto=upto: run_json([args.peer_bench, "jpeg", "--shards", *photo_shards, "--upto", upto,
+                                        "--threads", str(n_cores)], env_n, args.timeout),
+            python_decode(photo_shards)))
     if not args.quick:
         comps.append(Comparison(
             "decode_fixtures", f"decode→patchify, fixture WebP photos (73 x4), batch {batch}, {n_cores} workers",
@@ -278,7 +287,7 @@ def main():
     tok = next(c for c in comps if c.key == "tokenize")
     checks["tokenize"] = token_check(tok.last["juicer"], tok.last["python"])
     for c in comps:
-        if c.key.startswith("decode") or c.key == "graph":
+        if (c.key.startswith("decode") and not c.key.startswith("decode_floor")) or c.key == "graph":
             checks[c.key] = {"juicer_samples": c.last["juicer"]["items"], "python_samples": c.last["python"]["items"]}
 
     versions = json.loads(subprocess.run([*py, "versions"], capture_output=True, text=True, check=True).stdout)
@@ -348,8 +357,8 @@ def main():
           f"max |Δp| {cc['max_abs_dprob']:.1e}, max saliency Δ {cc['max_rel_dsaliency']:.1e} (of its max); "
           f"token rows identical {tc['identical_rows']}/{tc['captions']}")
     for c in summaries:
-        if c["key"].startswith("decode") or c["key"] == "graph":
-            d = checks[c["key"]]
+        d = checks.get(c["key"])
+        if d is not None and "juicer_samples" in d:
             print(f"          {c['key']}: samples in the window juicer {d['juicer_samples']}, python {d['python_samples']}")
     v = versions
     print(f"  versions: {v['juicer']} ({v['rustc']}); python {v['python']}, torch {v['torch']}, torchvision "
@@ -359,9 +368,9 @@ def main():
     headline = {s["key"]: s["ratio"] for s in summaries}
     print()
     print("RATIOS (juicer/python throughput, medians of {} rounds): graph {:.2f}x  decode {:.2f}x (full-res JPEG "
-          "{:.2f}x)  cam {:.2f}x  tokenize {:.2f}x".format(args.rounds, headline["graph"], headline["decode"],
-                                                           headline["decode_full"], headline["cam"],
-                                                           headline["tokenize"]))
+          "{:.2f}x)  decode photos {:.2f}x (floor: libjpeg alone {:.2f}x)  cam {:.2f}x  tokenize {:.2f}x".format(
+              args.rounds, headline["graph"], headline["decode"], headline["decode_full"], headline["decode_photos"],
+              headline["decode_floor_libjpeg"], headline["cam"], headline["tokenize"]))
 
 
 def fmt_load(l):
