@@ -26,9 +26,9 @@
 //!   gives the rows the runner compares with open_clip's.
 //! - `jpeg`: the floor under juicer's decode path. The `.jpg` members of `--shards` are read into memory; after
 //!   one untimed pass over them, `--threads` threads (each taking every N-th image) decode them `--passes` times:
-//!   with `--upto libjpeg` libjpeg-turbo alone, at the reduced scale [`Decoder`] chooses for the 224-px crop
-//!   (`draft_numerator`), nothing after it; with `--upto resize` `Decoder::crop_rgb8` (that decoding and the
-//!   resize to the 224×224 crop). Everything the graph adds (reading, normalising, patchifying, batching, the
+//!   with `--upto libjpeg` `Decoder::decode_for_crop` (libjpeg-turbo at the reduced scale juicer chooses for the
+//!   224-px crop, nothing after it); with `--upto resize` `Decoder::crop_rgb8` (that decoding and the resize to
+//!   the 224×224 crop). Everything the graph adds (reading, normalising, patchifying, batching, the
 //!   channels) is left out, so `per_s` bounds what `juicer bench --stages decode` can reach on the same cores.
 //!
 //! Output (stdout, one line): `{"side": "juicer", "task", "items", "seconds", "per_s", "cpu_seconds", "threads",
@@ -42,7 +42,7 @@ use anyhow::{Context, bail};
 use burn::tensor::Device;
 use clap::{Parser, Subcommand};
 use juicer::bench::probe::cpu_time;
-use juicer::decode::{DecodeConfig, Decoder, draft_numerator};
+use juicer::decode::{DecodeConfig, Decoder};
 use juicer::sample::{Decoded, RawSample};
 use juicer::stage::BatchStage;
 use juicer::text::tokenizer::{CONTEXT, ClipTokenizer};
@@ -268,18 +268,13 @@ fn jpeg_members(shards: &[PathBuf]) -> anyhow::Result<Vec<Vec<u8>>> {
 
 /// Decodes one JPEG as far as `upto` says; the number of output bytes (kept so the work is not optimised away).
 fn jpeg_one(decoder: &Decoder, bytes: &[u8], resize: bool) -> anyhow::Result<usize> {
-    if resize {
-        let (crop, _) = decoder.crop_rgb8(bytes, "jpg").map_err(|(reason, e)| anyhow::anyhow!("{reason}: {e}"))?;
-        return Ok(crop.len());
-    }
-    // What `Decoder` does before its resize: libjpeg at the scale `draft_numerator` picks for the crop's box.
-    let mut d = mozjpeg::Decompress::new_mem(bytes)?;
-    let [_, _, bw, bh] = decoder.geometry(d.width() as u32, d.height() as u32).src_box;
-    d.scale(draft_numerator(bw, bh, SIZE as f64));
-    let mut image = d.rgb()?;
-    let pixels: Vec<u8> = image.read_scanlines()?;
-    image.finish()?;
-    Ok(pixels.len())
+    let failed = |(reason, e): (juicer::DropReason, String)| anyhow::anyhow!("{reason}: {e}");
+    Ok(if resize {
+        decoder.crop_rgb8(bytes, "jpg").map_err(failed)?.0.len()
+    } else {
+        // What `crop_rgb8` does before its resize: libjpeg at the scale the crop's box allows.
+        decoder.decode_for_crop(bytes, "jpg").map_err(failed)?.0.len()
+    })
 }
 
 fn jpeg(shards: &[PathBuf], upto: Upto, threads: usize, passes: usize) -> anyhow::Result<()> {

@@ -249,7 +249,7 @@ def main():
     for upto, what in [("libjpeg", "libjpeg-turbo alone at juicer's reduced scale"),
                        ("resize", "libjpeg-turbo + the resize to the 224 crop")]:
         comps.append(Comparison(
-            f"decode_floor_{upto}", f"  floor: {what}, photo crops, {n_cores} threads, nothing else", "img/s",
+            f"floor_{upto}", f"  floor: {what}, photo crops, {n_cores} threads, nothing else", "img/s",
             lambda upto=upto: run_json([args.peer_bench, "jpeg", "--shards", *photo_shards, "--upto", upto,
                                         "--threads", str(n_cores)], env_n, args.timeout),
             python_decode(photo_shards)))
@@ -287,7 +287,7 @@ def main():
     tok = next(c for c in comps if c.key == "tokenize")
     checks["tokenize"] = token_check(tok.last["juicer"], tok.last["python"])
     for c in comps:
-        if (c.key.startswith("decode") and not c.key.startswith("decode_floor")) or c.key == "graph":
+        if c.key.startswith("decode") or c.key == "graph":
             checks[c.key] = {"juicer_samples": c.last["juicer"]["items"], "python_samples": c.last["python"]["items"]}
 
     versions = json.loads(subprocess.run([*py, "versions"], capture_output=True, text=True, check=True).stdout)
@@ -357,8 +357,8 @@ def main():
           f"max |Δp| {cc['max_abs_dprob']:.1e}, max saliency Δ {cc['max_rel_dsaliency']:.1e} (of its max); "
           f"token rows identical {tc['identical_rows']}/{tc['captions']}")
     for c in summaries:
-        d = checks.get(c["key"])
-        if d is not None and "juicer_samples" in d:
+        if c["key"].startswith("decode") or c["key"] == "graph":
+            d = checks[c["key"]]
             print(f"          {c['key']}: samples in the window juicer {d['juicer_samples']}, python {d['python_samples']}")
     v = versions
     print(f"  versions: {v['juicer']} ({v['rustc']}); python {v['python']}, torch {v['torch']}, torchvision "
@@ -370,7 +370,7 @@ def main():
     print("RATIOS (juicer/python throughput, medians of {} rounds): graph {:.2f}x  decode {:.2f}x (full-res JPEG "
           "{:.2f}x)  decode photos {:.2f}x (floor: libjpeg alone {:.2f}x)  cam {:.2f}x  tokenize {:.2f}x".format(
               args.rounds, headline["graph"], headline["decode"], headline["decode_full"], headline["decode_photos"],
-              headline["decode_floor_libjpeg"], headline["cam"], headline["tokenize"]))
+              headline["floor_libjpeg"], headline["cam"], headline["tokenize"]))
 
 
 def fmt_load(l):
