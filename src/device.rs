@@ -6,6 +6,12 @@
 //! machine without a GPU those run 25-40× slower than `flex`. `wgpu` without an index forces wgpu's default
 //! adapter, software or not, which is what the wgpu-vs-flex parity tests want.
 //!
+//! # Errors, not panics
+//! burn opens a device on its first use and panics when it cannot (a `wgpu:0` on a machine whose only adapter is
+//! a software driver, a `cuda:1` on a one-GPU machine). [`DeviceSpec::resolve`] checks first: a `wgpu` request
+//! against the adapters wgpu lists ([`adapters`]), a `cuda` one by opening it once. A request that cannot be
+//! served is an [`Error::Device`] naming what was asked, what exists and what to ask for instead.
+//!
 //! # CPU threads of a model replica
 //! burn's CPU backend runs its kernels on a rayon pool. Left to the global pool, every model replica would spread
 //! each op over all cores, and two replicas on two cores would each run on both, with most ops too small to
@@ -151,24 +157,97 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+/// One adapter wgpu reports: what [`DeviceSpec::resolve`] checks a `wgpu` request against and names in its
+/// errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adapter {
+    /// The adapter's name as its driver reports it (`NVIDIA H200`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub name: String,
+    /// What kind of adapter it is: `discrete`, `integrated`, `virtual`, `cpu` (a software driver) or `other`.
+    pub kind: &'static str,
+    /// The graphics API it was found through (`Vulkan`, `Metal`, `Dx12`).
+    pub api: String,
+}
+
+impl fmt::Display for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}, {})", self.name, self.kind, self.api)
+    }
+}
+
+/// Every adapter wgpu finds on Vulkan, Metal and DX12, the graphics APIs burn's wgpu kernels run on (probing GL
+/// as well would only add start-up time and could list an adapter burn cannot use), in wgpu's order. Probed once
+/// per process; empty without the `wgpu` feature or without a Vulkan loader.
+pub fn adapters() -> &'static [Adapter] {
+    static ADAPTERS: std::sync::OnceLock<Vec<Adapter>> = std::sync::OnceLock::new();
+    ADAPTERS.get_or_init(|| {
+        #[cfg(feature = "wgpu")]
+        {
+            let descriptor = wgpu::InstanceDescriptor {
+                backends: wgpu::Backends::PRIMARY,
+                ..wgpu::InstanceDescriptor::new_without_display_handle()
+            };
+            let instance = wgpu::Instance::new(descriptor);
+            futures::executor::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY))
+                .iter()
+                .map(|a| {
+                    let info = a.get_info();
+                    let kind = match info.device_type {
+                        wgpu::DeviceType::DiscreteGpu => "discrete",
+                        wgpu::DeviceType::IntegratedGpu => "integrated",
+                        wgpu::DeviceType::VirtualGpu => "virtual",
+                        wgpu::DeviceType::Cpu => "cpu",
+                        wgpu::DeviceType::Other => "other",
+                    };
+                    Adapter { name: info.name, kind, api: format!("{:?}", info.backend) }
+                })
+                .collect()
+        }
+        #[cfg(not(feature = "wgpu"))]
+        Vec::new()
+    })
+}
+
 /// Kinds of hardware adapters wgpu reports: `(discrete, integrated)` counts. Zero without the `wgpu` feature.
 pub fn hardware_gpus() -> (usize, usize) {
-    #[cfg(feature = "wgpu")]
-    {
-        // Vulkan, Metal and DX12 only, the backends burn's wgpu kernels run on; probing GL (EGL) as well would
-        // only add start-up time and could count an adapter burn cannot use.
-        let descriptor = wgpu::InstanceDescriptor {
-            backends: wgpu::Backends::PRIMARY,
-            ..wgpu::InstanceDescriptor::new_without_display_handle()
-        };
-        let instance = wgpu::Instance::new(descriptor);
-        let adapters = futures::executor::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
-        let count = |t: wgpu::DeviceType| adapters.iter().filter(|a| a.get_info().device_type == t).count();
-        (count(wgpu::DeviceType::DiscreteGpu), count(wgpu::DeviceType::IntegratedGpu))
+    let count = |kind: &str| adapters().iter().filter(|a| a.kind == kind).count();
+    (count("discrete"), count("integrated"))
+}
+
+/// The adapters as one line for an error message: `found: A (discrete, Vulkan); B (cpu, Vulkan)`, or why there
+/// are none.
+fn found_adapters(list: &[Adapter]) -> String {
+    if list.is_empty() {
+        return "wgpu finds no adapter (no GPU driver, or no Vulkan loader libvulkan.so.1 on the library path)"
+            .to_string();
     }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        (0, 0)
+    let names: Vec<String> = list.iter().map(Adapter::to_string).collect();
+    format!("wgpu finds: {}", names.join("; "))
+}
+
+/// Checks a `wgpu` request against the adapters found: `wgpu` needs one of any kind, `wgpu:N` at least `N + 1`
+/// discrete GPUs (burn's numbering: the N-th discrete GPU). The error names what was asked and what exists, and
+/// what to ask for instead.
+pub fn check_wgpu_request(index: Option<usize>, list: &[Adapter]) -> Result<()> {
+    let spec = DeviceSpec::Wgpu(index);
+    let err = |detail: String| Err(Error::Device { device: spec.to_string(), detail });
+    match index {
+        None if list.is_empty() => err(found_adapters(list)),
+        None => Ok(()),
+        Some(n) => {
+            let discrete = list.iter().filter(|a| a.kind == "discrete").count();
+            if n < discrete {
+                return Ok(());
+            }
+            let hint = if list.is_empty() {
+                "use --device cpu".to_string()
+            } else if discrete > 0 {
+                format!("wgpu:0 to wgpu:{} are the discrete GPUs; `wgpu` takes the default adapter", discrete - 1)
+            } else {
+                "`wgpu` takes the default adapter whatever its kind; `cpu` the CPU backend".to_string()
+            };
+            err(format!("no discrete GPU #{n} ({discrete} found); {}; {hint}", found_adapters(list)))
+        }
     }
 }
 
@@ -230,16 +309,22 @@ impl DeviceSpec {
                 if discrete + integrated > 0 { DeviceSpec::Wgpu(None).resolve() } else { Ok(Device::flex()) }
             }
             #[cfg(feature = "wgpu")]
-            DeviceSpec::Wgpu(None) => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
-            #[cfg(feature = "wgpu")]
-            DeviceSpec::Wgpu(Some(n)) => Ok(Device::wgpu(burn::tensor::DeviceKind::DiscreteGpu(n))),
+            DeviceSpec::Wgpu(index) => {
+                // burn panics on first use of an adapter that does not exist: check before handing one out.
+                check_wgpu_request(index, adapters())?;
+                let kind = match index {
+                    None => burn::tensor::DeviceKind::DefaultDevice,
+                    Some(n) => burn::tensor::DeviceKind::DiscreteGpu(n),
+                };
+                Ok(Device::wgpu(kind))
+            }
             #[cfg(not(feature = "wgpu"))]
             DeviceSpec::Wgpu(_) => Err(Error::Device {
                 device: self.to_string(),
                 detail: "juicer was built without the `wgpu` feature".into(),
             }),
             #[cfg(feature = "cuda")]
-            DeviceSpec::Cuda(n) => Ok(Device::cuda(n.unwrap_or(0))),
+            DeviceSpec::Cuda(n) => cuda_device(n.unwrap_or(0)),
             #[cfg(not(feature = "cuda"))]
             DeviceSpec::Cuda(_) => Err(Error::Device {
                 device: self.to_string(),
@@ -249,9 +334,65 @@ impl DeviceSpec {
     }
 }
 
+/// `cuda:N`, opened and checked with one small allocation: burn panics on first use of a CUDA device that does
+/// not exist or a driver that cannot start, and that panic becomes an [`Error::Device`] here, once, instead of a
+/// backtrace in a model thread.
+#[cfg(feature = "cuda")]
+fn cuda_device(n: usize) -> Result<Device> {
+    let device = Device::cuda(n);
+    let probe = device.clone();
+    let opened = std::panic::catch_unwind(move || {
+        burn::tensor::Tensor::<1>::zeros([1], &probe).into_data();
+    });
+    match opened {
+        Ok(()) => Ok(device),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA runtime failed to start".into());
+            Err(Error::Device {
+                device: DeviceSpec::Cuda(Some(n)).to_string(),
+                detail: format!(
+                    "cannot open CUDA device {n}: {why} (is the NVIDIA driver loaded? `nvidia-smi` lists the devices)"
+                ),
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn adapter(name: &str, kind: &'static str) -> Adapter {
+        Adapter { name: name.into(), kind, api: "Vulkan".into() }
+    }
+
+    #[test]
+    fn wgpu_requests_are_checked_against_the_adapters_found() {
+        let lavapipe = [adapter("llvmpipe (LLVM 15.0.6, 256 bits)", "cpu")];
+        let two = [adapter("NVIDIA H200", "discrete"), adapter("NVIDIA H200", "discrete"), lavapipe[0].clone()];
+        assert!(check_wgpu_request(None, &lavapipe).is_ok(), "`wgpu` takes the default adapter, software or not");
+        assert!(check_wgpu_request(Some(1), &two).is_ok());
+
+        let Error::Device { device, detail } = check_wgpu_request(Some(0), &lavapipe).unwrap_err() else {
+            panic!("a device error")
+        };
+        assert_eq!(device, "wgpu:0");
+        assert!(detail.contains("no discrete GPU #0 (0 found)"), "{detail}");
+        assert!(detail.contains("llvmpipe (LLVM 15.0.6, 256 bits) (cpu, Vulkan)"), "names what exists: {detail}");
+        assert!(detail.contains("`wgpu` takes the default adapter"), "says what to ask for: {detail}");
+
+        let Error::Device { detail, .. } = check_wgpu_request(Some(2), &two).unwrap_err() else { panic!() };
+        assert!(detail.contains("no discrete GPU #2 (2 found)") && detail.contains("wgpu:0 to wgpu:1"), "{detail}");
+
+        for index in [None, Some(0)] {
+            let Error::Device { detail, .. } = check_wgpu_request(index, &[]).unwrap_err() else { panic!() };
+            assert!(detail.contains("no Vulkan loader"), "{detail}");
+        }
+    }
 
     #[test]
     fn parse_specs() {
