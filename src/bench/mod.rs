@@ -11,6 +11,7 @@
 //! Everything here is measurement: no test asserts a duration (the brief's rule), and the numbers only compare
 //! with numbers from the same machine and the same run.
 
+pub mod layers;
 pub mod plot;
 pub mod probe;
 pub mod synthetic;

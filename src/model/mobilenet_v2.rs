@@ -394,15 +394,57 @@ impl InvertedResidual {
     /// - `x`: `[batch, in_channels, height, width]`
     /// - output: `[batch, out_channels, height / stride, width / stride]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = match &self.conv {
-            InvertedResidualConv::Depthwise((dw, project, bn)) => {
-                conv_then_bn(project, bn, conv_bn_relu6(dw, x.clone()))
-            }
+        self.forward_observed(x, &mut |_, _| {})
+    }
+
+    /// [`forward`](Self::forward), calling `after` with each layer's kind and output as it is computed
+    /// (expansion, depthwise, then the projection with the residual added).
+    pub fn forward_observed(&self, x: Tensor<4>, after: &mut dyn FnMut(LayerKind, &Tensor<4>)) -> Tensor<4> {
+        let (hidden, project, bn) = match &self.conv {
+            InvertedResidualConv::Depthwise((dw, project, bn)) => (conv_bn_relu6(dw, x.clone()), project, bn),
             InvertedResidualConv::Expanded((expand, dw, project, bn)) => {
-                conv_then_bn(project, bn, conv_bn_relu6(dw, conv_bn_relu6(expand, x.clone())))
+                let expanded = conv_bn_relu6(expand, x.clone());
+                after(LayerKind::Expand, &expanded);
+                (conv_bn_relu6(dw, expanded), project, bn)
             }
         };
-        if self.use_residual { y + x } else { y }
+        after(LayerKind::Depthwise, &hidden);
+        let y = conv_then_bn(project, bn, hidden);
+        let y = if self.use_residual { y + x } else { y };
+        after(LayerKind::Project, &y);
+        y
+    }
+}
+
+/// The kinds of layer in MobileNetV2's `features`, as [`MobileNetV2::forward_features_observed`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LayerKind {
+    /// `features.0`: 3×3 conv, stride 2, 3 → 32 channels, ReLU6.
+    Stem,
+    /// A block's expansion: 1×1 conv to 6× the channels, ReLU6 (16 of them).
+    Expand,
+    /// A block's depthwise 3×3 conv (one filter per channel), ReLU6 (17 of them).
+    Depthwise,
+    /// A block's projection: 1×1 conv, no activation, plus the block input where the block keeps its shape (17).
+    Project,
+    /// `features.18`: 1×1 conv 320 → 1280, ReLU6.
+    Head,
+}
+
+impl LayerKind {
+    /// Every kind, in network order.
+    pub const ALL: [LayerKind; 5] =
+        [LayerKind::Stem, LayerKind::Expand, LayerKind::Depthwise, LayerKind::Project, LayerKind::Head];
+
+    /// A short name for tables (`stem`, `expand 1x1`, `depthwise 3x3`, `project 1x1`, `head 1x1`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Stem => "stem 3x3",
+            LayerKind::Expand => "expand 1x1",
+            LayerKind::Depthwise => "depthwise 3x3",
+            LayerKind::Project => "project 1x1",
+            LayerKind::Head => "head 1x1",
+        }
     }
 }
 
@@ -458,8 +500,26 @@ impl MobileNetV2 {
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         match &self.host {
             Some(host) => host.forward(x),
-            None => self.features.iter().fold(x, |x, feature| feature.forward(x)),
+            None => self.forward_features_observed(x, &mut |_, _| {}),
         }
+    }
+
+    /// `features` layer by layer through burn's tensor ops (the path every non-CPU device runs; on the CPU
+    /// backend [`forward_features`](Self::forward_features) runs the host kernels instead), calling `after`
+    /// with each layer's kind and output as it is computed: the hook a per-layer profile syncs the device in.
+    ///
+    /// # Shapes
+    /// As [`forward_features`](Self::forward_features).
+    pub fn forward_features_observed(&self, x: Tensor<4>, after: &mut dyn FnMut(LayerKind, &Tensor<4>)) -> Tensor<4> {
+        let last = self.features.len().saturating_sub(1);
+        self.features.iter().enumerate().fold(x, |x, (i, feature)| match feature {
+            Feature::ConvBnRelu6(layer) => {
+                let y = conv_bn_relu6(layer, x);
+                after(if i == last { LayerKind::Head } else { LayerKind::Stem }, &y);
+                y
+            }
+            Feature::InvertedResidual(block) => block.forward_observed(x, after),
+        })
     }
 
     /// The head: mean over H×W (`adaptive_avg_pool2d(·, 1)`), flatten, Dropout (identity in inference), Linear.

@@ -131,6 +131,17 @@ impl Classifier {
         self
     }
 
+    /// The model (BatchNorms folded).
+    pub fn model(&self) -> &MobileNetV2 {
+        &self.model
+    }
+
+    /// The classifier weight on the host, `[classes, 1280]` row-major: the rows class activation maps weigh the
+    /// feature map with.
+    pub fn head_weight(&self) -> Arc<Vec<f32>> {
+        self.weight.clone()
+    }
+
     /// Images forwarded through the backbone so far (all clones share the counter).
     pub fn forwards(&self) -> Arc<AtomicU64> {
         self.forwards.clone()
