@@ -348,6 +348,116 @@ pub trait SinkLogic: Send + 'static {
     fn finish(&mut self, failure: Option<Error>) -> Vec<Self::Out>;
 }
 
+/// How the ordered sink's outputs become what the consumer receives: `complete` (collating a batch) runs on
+/// `workers` threads of a `collate` stage of their own, or on the sink's thread when `workers` is 0. Either
+/// way the consumer receives the outputs in the order the sink produced them: each collator completes one
+/// output at a time and hands it over only when every earlier one has been handed over, so no reorder buffer
+/// is needed, and at most `workers` outputs wait for collators and `workers` are being completed.
+pub struct Completion<S, O> {
+    /// Collator threads (0: complete on the sink's thread).
+    pub workers: usize,
+    /// Turns a sink output into what the consumer receives. It must not panic: a panic ends the run as if
+    /// the consumer's stream had ended (the sink's logic turns failures into outputs of its own).
+    pub complete: Arc<dyn Fn(S) -> O + Send + Sync>,
+}
+
+impl<S: Send + 'static> Completion<S, S> {
+    /// The outputs as the sink's logic produced them, on the sink's thread.
+    pub fn identity() -> Self {
+        Self { workers: 0, complete: Arc::new(|s| s) }
+    }
+}
+
+/// Whose turn it is to hand an output to the consumer (the collators' ticket counter), and the ticket whose
+/// collator died, if one did: every later ticket's turn can no longer come.
+struct Turn {
+    next: Mutex<u64>,
+    moved: std::sync::Condvar,
+    died_at: AtomicU64,
+}
+
+impl Default for Turn {
+    fn default() -> Self {
+        Self { next: Mutex::new(0), moved: std::sync::Condvar::new(), died_at: AtomicU64::new(u64::MAX) }
+    }
+}
+
+impl Turn {
+    /// Waits until `ticket` is next; `false` if it never will be (the collator of an earlier ticket died, or
+    /// the consumer is gone).
+    fn wait_for<O>(&self, ticket: u64, tx: &tokio::sync::mpsc::Sender<O>) -> bool {
+        let Ok(mut next) = self.next.lock() else { return false };
+        loop {
+            if *next == ticket {
+                return true;
+            }
+            if ticket > self.died_at.load(Ordering::SeqCst) || tx.is_closed() {
+                return false;
+            }
+            next = match self.moved.wait_timeout(next, POLL) {
+                Ok((guard, _)) => guard,
+                Err(_) => return false,
+            };
+        }
+    }
+
+    /// Hands the turn to the next ticket.
+    fn advance(&self) {
+        if let Ok(mut next) = self.next.lock() {
+            *next += 1;
+        }
+        self.moved.notify_all();
+    }
+}
+
+/// Sends `o` on the last edge, counting the wait on a full edge in `m`. `false` once the consumer is gone.
+fn deliver<O>(tx: &tokio::sync::mpsc::Sender<O>, m: &StageMetrics, o: O) -> bool {
+    let ok = match tx.try_send(o) {
+        Ok(()) => true,
+        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
+        Err(tokio::sync::mpsc::error::TrySendError::Full(o)) => {
+            waiting(&m.waiting_output, &m.blocked_ns, || tx.blocking_send(o).is_ok())
+        }
+    };
+    if ok {
+        m.items_out.fetch_add(1, Ordering::Relaxed);
+    }
+    ok
+}
+
+/// One collator thread ([`Completion`]): takes numbered outputs, completes them, hands them over in ticket
+/// order. Returns when the sink is done and the queue drained, or when the consumer is gone.
+fn collator<S, O>(
+    queue: &Receiver<(u64, S)>,
+    tx: &tokio::sync::mpsc::Sender<O>,
+    turn: &Turn,
+    complete: &(dyn Fn(S) -> O + Send + Sync),
+    m: &StageMetrics,
+) {
+    // The sink raises the shutdown flag when its logic stops the run, with outputs still queued here: the
+    // queue is drained until the sink hangs up, not until the flag.
+    while let Ok((ticket, s)) = waiting(&m.waiting_input, &m.starved_ns, || queue.recv()) {
+        m.items_in.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let done = catch_unwind(AssertUnwindSafe(|| complete(s)));
+        m.busy_since(t);
+        m.count_call();
+        let Ok(o) = done else {
+            turn.died_at.store(ticket, Ordering::SeqCst);
+            turn.moved.notify_all();
+            std::panic::resume_unwind(Box::new(format!("completing output {ticket} panicked")));
+        };
+        if !waiting(&m.waiting_output, &m.blocked_ns, || turn.wait_for(ticket, tx)) {
+            return;
+        }
+        let sent = deliver(tx, m, o);
+        turn.advance();
+        if !sent {
+            return;
+        }
+    }
+}
+
 /// A running graph. Dropping it shuts everything down and joins every thread.
 pub struct Graph {
     capacity: usize,
@@ -589,29 +699,58 @@ impl Graph {
         }
     }
 
-    /// The ordered sink: reorders by sequence number, calls `logic` in order, returns a credit per item and
-    /// sends the outputs on the last edge (a tokio channel of `capacity`), which the [`Run`] reads.
-    pub fn sink<L: SinkLogic>(
+    /// The ordered sink: reorders by sequence number, calls `logic` in order, returns a credit per item, has each
+    /// output completed ([`Completion`]) and sends the outputs, in the order `logic` produced them, on the last
+    /// edge (a tokio channel of `capacity`), which the [`Run`] reads.
+    pub fn sink<L: SinkLogic, O: Send + 'static>(
         mut self,
         input: Inlet<Envelope<L::In, L::Meta>>,
         credits: Credits,
         mut logic: L,
-    ) -> Result<Run<L::Out>> {
+        completion: Completion<L::Out, O>,
+    ) -> Result<Run<O>> {
         let me = self.stage("batch", 1);
         let input = Self::retarget(input, &me);
-        let (tx, rx) = tokio::sync::mpsc::channel::<L::Out>(self.capacity);
+        let (tx, rx) = tokio::sync::mpsc::channel::<O>(self.capacity);
         let failures = self.failures.clone();
         let give = credits.give.clone();
         drop(credits);
         let shutdown = self.shutdown.clone();
         let m = me.clone();
+        let Completion { workers, complete } = completion;
+        // With collators, outputs go to them as numbered jobs; without, they are completed here.
+        let jobs = if workers > 0 {
+            let (jobs, queue) = crossbeam_channel::bounded::<(u64, L::Out)>(workers);
+            let collate = self.stage("collate", workers);
+            let turn = Arc::new(Turn::default());
+            for w in 0..workers {
+                let (queue, tx, turn, complete, c) =
+                    (queue.clone(), tx.clone(), turn.clone(), complete.clone(), collate.clone());
+                self.spawn(&format!("collate-{w}"), move || {
+                    collator(&queue, &tx, &turn, complete.as_ref(), &c);
+                    Ok(())
+                })?;
+            }
+            Some(jobs)
+        } else {
+            None
+        };
         self.spawn("batch", move || {
-            let send = |o: L::Out| -> bool {
-                let ok = match tx.try_send(o) {
+            let mut ticket = 0u64;
+            let mut send = |o: L::Out| -> bool {
+                let Some(jobs) = &jobs else {
+                    let t = Instant::now();
+                    let o = complete(o);
+                    m.busy_since(t);
+                    return deliver(&tx, &m, o);
+                };
+                let job = (ticket, o);
+                ticket += 1;
+                let ok = match jobs.try_send(job) {
                     Ok(()) => true,
-                    Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => false,
-                    Err(tokio::sync::mpsc::error::TrySendError::Full(o)) => {
-                        waiting(&m.waiting_output, &m.blocked_ns, || tx.blocking_send(o).is_ok())
+                    Err(TrySendError::Disconnected(_)) => false,
+                    Err(TrySendError::Full(job)) => {
+                        waiting(&m.waiting_output, &m.blocked_ns, || jobs.send(job).is_ok())
                     }
                 };
                 if ok {
@@ -902,7 +1041,7 @@ mod tests {
         let (inlet, credits) = source_of(&mut g, 10, None);
         let s2 = sizes.clone();
         let out = g.model("double", inlet, vec![move || Ok(Doubler(s2))], 4, Duration::from_secs(5)).unwrap();
-        let mut run = g.sink(out, credits, Collect).unwrap();
+        let mut run = g.sink(out, credits, Collect, Completion::identity()).unwrap();
         let mut got = Vec::new();
         while let Some(x) = run.blocking_recv() {
             got.push(x);
@@ -924,7 +1063,7 @@ mod tests {
         let (inlet, credits) = source_of(&mut g, 3, Some(gate_rx));
         let s2 = sizes.clone();
         let out = g.model("double", inlet, vec![move || Ok(Doubler(s2))], 8, Duration::from_millis(20)).unwrap();
-        let mut run = g.sink(out, credits, Collect).unwrap();
+        let mut run = g.sink(out, credits, Collect, Completion::identity()).unwrap();
         assert_eq!(run.blocking_recv(), Some(Ok(0)));
         assert_eq!(sizes.lock().unwrap().first(), Some(&1));
         gate_tx.send(()).unwrap();
@@ -966,7 +1105,7 @@ mod tests {
         let mut g = Graph::new(2);
         let (inlet, credits) = source_of(&mut g, 100, None);
         let out = g.map(inlet, Arc::new(Panicky), 2).unwrap();
-        let mut run = g.sink(out, credits, Collect).unwrap();
+        let mut run = g.sink(out, credits, Collect, Completion::identity()).unwrap();
         let live = run.live_threads();
         let mut last = None;
         while let Some(x) = run.blocking_recv() {
@@ -1007,12 +1146,118 @@ mod tests {
             })
             .unwrap();
         let seen = Arc::new(Mutex::new(None));
-        let mut run = g.sink(inlet, credits, Keep(seen.clone())).unwrap();
+        let mut run = g.sink(inlet, credits, Keep(seen.clone()), Completion::identity()).unwrap();
         while run.blocking_recv().is_some() {}
         let live = run.live_threads();
         drop(run);
         assert_eq!(live.load(Ordering::SeqCst), 0);
         let seen = seen.lock().unwrap().take();
         assert!(matches!(&seen, Some(Error::State(m)) if m.contains("past the shard's end")), "{seen:?}");
+    }
+
+    /// Stops the run after `stop_at` items, with outputs still on their way to the collators.
+    struct StopAt(u64);
+
+    impl SinkLogic for StopAt {
+        type In = u64;
+        type Meta = ();
+        type Out = u64;
+
+        fn accept(&mut self, item: Envelope<u64, ()>) -> SinkStep<u64> {
+            match item.body {
+                Ok(x) if x + 1 >= self.0 => SinkStep::Stop(vec![x, u64::MAX]),
+                Ok(x) => SinkStep::Continue(vec![x]),
+                Err(_) => SinkStep::Continue(vec![u64::MAX]),
+            }
+        }
+
+        fn finish(&mut self, _: Option<Error>) -> Vec<u64> {
+            vec![u64::MAX]
+        }
+    }
+
+    /// Completes slowly, and more slowly for even items, so collators finish out of order.
+    fn uneven() -> Arc<dyn Fn(u64) -> String + Send + Sync> {
+        Arc::new(|x| {
+            std::thread::sleep(Duration::from_millis(if x % 2 == 0 { 6 } else { 1 }));
+            format!("#{x}")
+        })
+    }
+
+    #[test]
+    fn collators_complete_in_parallel_and_deliver_in_order() {
+        for workers in [1, 3] {
+            let mut g = Graph::new(2);
+            let (inlet, credits) = source_of(&mut g, 40, None);
+            let complete = uneven();
+            let mut run = g
+                .sink(
+                    inlet,
+                    credits,
+                    StopAt(u64::MAX),
+                    Completion { workers, complete: Arc::new(move |x| complete(x)) },
+                )
+                .unwrap();
+            let live = run.live_threads();
+            let mut got = Vec::new();
+            while let Some(x) = run.blocking_recv() {
+                got.push(x);
+            }
+            let mut want: Vec<String> =
+                (0..40).map(|i| if i == 3 { u64::MAX } else { i }).map(|i| format!("#{i}")).collect();
+            want.push(format!("#{}", u64::MAX)); // finish()
+            assert_eq!(got, want, "{workers} collators");
+            let collate = run.metrics().into_iter().find(|s| s.name == "collate").unwrap();
+            assert_eq!((collate.workers, collate.items_in, collate.items_out), (workers, 41, 41));
+            drop(run);
+            assert_eq!(live.load(Ordering::SeqCst), 0);
+        }
+    }
+
+    #[test]
+    fn collators_deliver_what_was_queued_when_the_sink_stops_the_run() {
+        let mut g = Graph::new(2);
+        let (inlet, credits) = source_of(&mut g, 1000, None);
+        let complete = uneven();
+        let mut run = g
+            .sink(inlet, credits, StopAt(10), Completion { workers: 4, complete: Arc::new(move |x| complete(x)) })
+            .unwrap();
+        let mut got = Vec::new();
+        while let Some(x) = run.blocking_recv() {
+            got.push(x);
+        }
+        assert_eq!(got.len(), 11, "every output before the stop, then the end marker: {got:?}");
+        assert_eq!(got.last().map(String::as_str), Some(format!("#{}", u64::MAX).as_str()));
+    }
+
+    #[test]
+    fn dropping_the_run_joins_collators_blocked_on_the_consumer() {
+        let mut g = Graph::new(1);
+        let (inlet, credits) = source_of(&mut g, 1000, None);
+        let mut run = g
+            .sink(inlet, credits, StopAt(u64::MAX), Completion { workers: 3, complete: Arc::new(|x: u64| x) })
+            .unwrap();
+        assert_eq!(run.blocking_recv(), Some(0));
+        std::thread::sleep(Duration::from_millis(50)); // collators fill the last edge and block on it
+        let live = run.live_threads();
+        drop(run);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_panicking_collator_ends_the_run_and_every_thread() {
+        let mut g = Graph::new(2);
+        let (inlet, credits) = source_of(&mut g, 1000, None);
+        let complete: Arc<dyn Fn(u64) -> u64 + Send + Sync> =
+            Arc::new(|x| if x == 7 { panic!("collating 7") } else { x });
+        let mut run = g.sink(inlet, credits, StopAt(u64::MAX), Completion { workers: 2, complete }).unwrap();
+        let mut got = Vec::new();
+        while let Some(x) = run.blocking_recv() {
+            got.push(x);
+        }
+        assert_eq!(got, [0, 1, 2, u64::MAX, 4, 5, 6], "outputs up to the one that panicked, in order");
+        let live = run.live_threads();
+        drop(run);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
     }
 }

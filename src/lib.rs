@@ -32,10 +32,11 @@
 //!
 //! ## Bird's eye view
 //! ```text
-//!  shards ──► read ──► shuffle ──► decode ──► [score ──► prune ──► extract ──► enrich] ──► batch ──► trainer
-//!  (tar, http,  R workers  1 thread   N workers   model      CPU       model       CPU        1 thread  Iterator /
-//!   folder)   prefetch   sequencer  (CPU pool)  thread/dev           thread/dev            reorder   Stream /
-//!                        + buffer                                                          + collate burn DataLoader
+//!  shards ──► read ──► shuffle ──► decode ──► [score ──► prune ──► extract ──► enrich] ──► batch ──► collate ──► trainer
+//!  (tar, http,  R workers  1 thread   N workers   model      CPU       model       CPU        1 thread  C threads   Iterator /
+//!   folder)   prefetch   sequencer  (CPU pool)  thread/dev           thread/dev            reorder,  batcher,    Stream /
+//!                        + buffer                                                          account,  in order    burn DataLoader
+//!                                                                                          cut
 //! ```
 //! Every arrow is a bounded channel. A trainer that stops reading makes every stage upstream block in turn;
 //! nothing buffers without bound. The bracketed stages are the juicing branch (vision: score, prune, extract;
@@ -57,7 +58,8 @@
 //! | prune | `src/vision/prune.rs` | [`PruneConfig`], [`KeepPolicy`] | [`vision::PruneStage`] |
 //! | extract | `src/vision/extract.rs` | [`vision::ExtractRule`], [`vision::Vocabulary`] | [`vision::Extract`] |
 //! | enrich | `src/text/enrich.rs` | [`text::enrich::EnrichConfig`] | [`text::EnrichStage`] over [`text::enrich::Enricher`] |
-//! | batch | `src/pipeline/sink.rs` + `src/batch.rs` | [`Config::batch_size`] | the ordered sink, then [`JuicedBatcher`] |
+//! | batch | `src/pipeline/sink.rs` | [`Config::batch_size`] | the ordered sink (reorder, checkpoint mirror, accounting, cutting batches) |
+//! | collate | `src/pipeline/sink.rs` + `src/batch.rs` | [`Config::collate_workers`] | collator threads running the batcher ([`JuicedBatcher`] by default), outputs in order |
 //!
 //! By module:
 //! - [`pipeline`]: **API boundary.** `mod.rs`: [`Juicer`] (the loader: shards, epochs, resume) and [`JuicerIter`]
@@ -68,8 +70,8 @@
 //!   ordered sink (checkpoint mirror, accounting, batching) and [`Summary`]; `loader.rs`: burn's `DataLoader`
 //!   trait.
 //! - [`graph`]: the runtime. Bounded instrumented edges ([`graph::Outlet`]/[`graph::Inlet`]), per-item stages on
-//!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink,
-//!   per-stage metrics, shutdown; thread bodies return [`Result`], and the first error reaches the consumer
+//!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink
+//!   and its collators ([`graph::Completion`]: parallel, delivered in order), per-stage metrics, shutdown; thread bodies return [`Result`], and the first error reaches the consumer
 //!   typed. **Invariant:** the only module that knows threads, crossbeam and tokio.
 //! - [`stage`]: the [`stage::Stage`] (per item) and [`stage::BatchStage`] (per micro-batch, owns a model)
 //!   traits. **Invariant:** stages never touch a channel.
@@ -115,7 +117,9 @@
 //!   when loaded; a bad file never loads partially.
 //! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline
 //!   (one per device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck,
-//!   process CPU time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot.
+//!   process CPU time and peak RSS ([`bench::probe`]), synthetic shards ([`bench::synthetic`]), the timeline plot
+//!   (`bench/plot.rs`), and the per-layer profile of the scorer's MobileNetV2 forward on one device
+//!   ([`bench::layers`], `juicer bench --layers`).
 //! - [`error`], [`rng`]: the one error enum and drop reasons, SplitMix64.
 //! - [`fuzzing`]: the cargo-fuzz targets' bodies (`fuzz/`), plain functions that `tests/fuzz.rs` also replays
 //!   over every committed corpus and regression input.
@@ -136,7 +140,8 @@
 //! ## Invariants
 //! - **Bounded.** Every edge has `capacity` slots; the source takes a credit per item and the sink returns it
 //!   when the item leaves in order, so at most `6·capacity + 4·workers + 2·micro_batch·model_workers + 1` items are between
-//!   the shuffle and the sink, and the sink's reorder buffer never holds more.
+//!   the shuffle and the sink, and the sink's reorder buffer never holds more. Behind the sink, at most
+//!   `2·collate_workers` batches wait for or sit in collators, then `capacity` on the last edge.
 //! - **Deterministic.** The output is a function of the seed, the epoch and the sources, not of worker counts:
 //!   reader worker `r` only prefetches tasks `t ≡ r (mod R)`, the sequencer consumes tasks in order, sequence
 //!   numbers are assigned after the shuffle and the sink restores their order.

@@ -101,7 +101,10 @@ fn bench_fixture_shards_table_json_and_plot() {
     assert_eq!(pipelines.len(), 1);
     let p = &pipelines[0];
     check_pipeline(p);
-    assert_eq!(stage_names(p), ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch"]);
+    assert_eq!(
+        stage_names(p),
+        ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch", "collate"]
+    );
     // 73 samples, batch 8: the window opens at the first batch (8 ≥ warm-up 8) and runs to the end of the data.
     assert_eq!(u(&p["samples"]), 73 - 8);
     assert_eq!(p["exhausted"], true);
@@ -133,7 +136,7 @@ fn bench_stage_prefixes_keep_what_ran() {
     let r = report(&json);
     let p = &r["pipelines"][0];
     check_pipeline(p);
-    assert_eq!(stage_names(p), ["read", "shuffle", "decode", "finish", "batch"]);
+    assert_eq!(stage_names(p), ["read", "shuffle", "decode", "finish", "batch", "collate"]);
     assert_eq!(p["kept_patches"], p["total_patches"]);
     assert_eq!(u(&p["tokens"]), 0);
     // up to prune: the keep ratio applies, still no classes or tokens.
@@ -145,7 +148,7 @@ fn bench_stage_prefixes_keep_what_ran() {
     let p = &r["pipelines"][0];
     check_pipeline(p);
     assert_eq!(r["setup"]["stages"], "prune");
-    assert_eq!(stage_names(p), ["read", "shuffle", "decode", "score", "prune", "finish", "batch"]);
+    assert_eq!(stage_names(p), ["read", "shuffle", "decode", "score", "prune", "finish", "batch", "collate"]);
     assert_eq!(u(&p["kept_patches"]), 49 * u(&p["samples"]));
     assert_eq!(u(&p["tokens"]), 0);
     let bad = juicer(&["bench", SHARDS, "--stages", "everything"]);

@@ -60,6 +60,7 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
         .micro_batch(micro)
         .build()
         .unwrap();
+    let collators = loader.config().collate_workers;
     let mut it = loader.iter().unwrap();
     let first = it.next().unwrap().unwrap();
     assert_eq!(first.len(), bs);
@@ -80,13 +81,13 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
     let by = |n: &str| m.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("stage {n}")).clone();
     let read = by("read");
     assert!(read.items_out < 400, "reading stopped early: {read:?}");
-    for name in ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch"] {
+    for name in ["read", "shuffle", "decode", "score", "prune", "extract", "enrich", "batch", "collate"] {
         let s = by(name);
         // No worker works: each waits on its output or, where the credit window has every item downstream of
         // it, on an empty input. Which stages end up starved rather than blocked depends on where the window's
         // items sit when everything stops; the ends of the chain are always blocked on their output.
         assert_eq!((s.waiting_output + s.waiting_input) as usize, s.workers, "every worker of `{name}` waits: {s:?}");
-        if ["read", "shuffle", "batch"].contains(&name) {
+        if ["read", "shuffle", "batch", "collate"].contains(&name) {
             assert_eq!(s.waiting_output as usize, s.workers, "every worker of `{name}` waits on its output: {s:?}");
         }
         if s.waiting_input > 0 {
@@ -103,7 +104,8 @@ fn backpressure_blocks_every_stage_and_bounds_in_flight() {
         // Between the shuffle and the sink: the credit window (edges, workers, micro-batches, reorder buffer).
         + 6 * cap + 4 * workers + 2 * micro * by("score").workers + 1 // model replicas chosen at build
         + cap * bs              // batches waiting on the last edge
-        + bs                    // the full batch the sink holds while blocked on the last edge
+        + bs                    // the full batch the sink holds while blocked on its collators
+        + 2 * collators * bs    // batches queued for or held by the collators
         + bs                    // the batch being built
         + 2; // end-of-shard markers the readers count as sent (one per shard)
     assert!(in_flight as usize <= bound, "in flight {in_flight} > bound {bound}");

@@ -64,6 +64,8 @@ impl JuicerBuilder {
         reader_workers: usize => reader_workers);
     verb!(/// Decode workers.
         decode_workers: usize => decode_workers);
+    verb!(/// Collator threads building batches behind the ordered sink (0: on the sink's thread).
+        collate_workers: usize => collate_workers);
     verb!(/// Shuffle buffer capacity (0 keeps the read order).
         shuffle_buffer: usize => shuffle_buffer);
     verb!(/// Shuffle shard order per epoch.

@@ -1,8 +1,10 @@
 //! The ordered sink at the end of the stage graph: [`BatchSink`] mirrors the checkpoint state item by item,
 //! accounts every sample (emitted or dropped with its reason), cuts batches, and applies the epoch's batch
-//! target, limit and range; [`Summary`] is what a run's counters add up to.
+//! target, limit and range; [`collation`] then has the batcher build each batch, on the collator threads the
+//! graph runs behind the sink ([`crate::graph::Completion`]); [`Summary`] is what a run's counters add up to.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,22 +13,21 @@ use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::error::{Error, OnError, SampleError};
-use crate::graph::{Envelope, SinkLogic, SinkStep, StageSnapshot};
+use crate::graph::{Completion, Envelope, SinkLogic, SinkStep, StageSnapshot};
 use crate::plan::{LoaderState, Trace};
 use crate::sample::JuicedSample;
 use crate::vision::cache::CacheStats;
 
-/// What the last edge carries to the consumer.
+/// What the last edge carries to the consumer; the sink produces it with the batch's samples
+/// (`Output<Vec<JuicedSample>>`), [`collation`] turns them into the batcher's batch.
 pub(super) enum Output<O> {
     Batch { batch: O, dropped: Vec<SampleError>, state: Box<LoaderState> },
     Error { error: Error, state: Box<LoaderState> },
     End { dropped: Vec<SampleError>, state: Box<LoaderState> },
 }
 
-/// The ordered sink: checkpoint mirror, accounting, batching.
-pub(super) struct BatchSink<O> {
-    pub(super) batcher: Arc<dyn Batcher<JuicedSample, O>>,
-    pub(super) device: Device,
+/// The ordered sink: checkpoint mirror, accounting, cutting batches.
+pub(super) struct BatchSink {
     pub(super) batch_size: usize,
     pub(super) on_error: OnError,
     pub(super) target: Option<u64>,
@@ -40,8 +41,11 @@ pub(super) struct BatchSink<O> {
     pub(super) dropped: Vec<SampleError>,
 }
 
-impl<O> BatchSink<O> {
-    fn flush(&mut self, complete: bool) -> Option<Output<O>> {
+/// Samples on their way to the batcher.
+type Cut = Output<Vec<JuicedSample>>;
+
+impl BatchSink {
+    fn flush(&mut self, complete: bool) -> Option<Cut> {
         if self.pending.is_empty() && self.dropped.is_empty() {
             return None;
         }
@@ -52,10 +56,8 @@ impl<O> BatchSink<O> {
         }
         self.state.batches += 1;
         self.boundary = self.state.clone();
-        let items = std::mem::take(&mut self.pending);
-        let batch = self.batcher.batch(items, &self.device);
         Some(Output::Batch {
-            batch,
+            batch: std::mem::take(&mut self.pending),
             dropped: std::mem::take(&mut self.dropped),
             state: Box::new(self.boundary.clone()),
         })
@@ -67,12 +69,12 @@ impl<O> BatchSink<O> {
     }
 }
 
-impl<O: Send + 'static> SinkLogic for BatchSink<O> {
+impl SinkLogic for BatchSink {
     type In = JuicedSample;
     type Meta = Trace;
-    type Out = Output<O>;
+    type Out = Cut;
 
-    fn accept(&mut self, env: Envelope<JuicedSample, Trace>) -> SinkStep<Output<O>> {
+    fn accept(&mut self, env: Envelope<JuicedSample, Trace>) -> SinkStep<Cut> {
         if self.target.is_some_and(|t| self.state.batches >= t) {
             // A zero-batch epoch (a rank with fewer samples than one batch under DropRemainder).
             return SinkStep::Stop(self.finish(None));
@@ -126,7 +128,7 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
         SinkStep::Continue(out)
     }
 
-    fn finish(&mut self, failure: Option<Error>) -> Vec<Output<O>> {
+    fn finish(&mut self, failure: Option<Error>) -> Vec<Cut> {
         let mut out = Vec::new();
         if let Some(e) = failure {
             out.push(Output::Error { error: e, state: Box::new(self.boundary.clone()) });
@@ -141,6 +143,41 @@ impl<O: Send + 'static> SinkLogic for BatchSink<O> {
         out.push(Output::End { dropped: std::mem::take(&mut self.dropped), state: Box::new(self.boundary.clone()) });
         out
     }
+}
+
+/// Has `batcher` build each cut batch on `device`, on `workers` collator threads (0: the sink's thread). A
+/// batcher that panics (a user's `Batcher` may) turns its batch into an [`Error::Stage`] output for the
+/// consumer, with the state at that batch's boundary, instead of ending the stream unexplained.
+pub(super) fn collation<O: Send + 'static>(
+    batcher: Arc<dyn Batcher<JuicedSample, O>>,
+    device: Device,
+    workers: usize,
+) -> Completion<Cut, Output<O>> {
+    let complete = move |cut: Cut| match cut {
+        Output::Batch { batch: items, dropped, state } => {
+            let keys = (items.first().map(|s| s.key.clone()), items.last().map(|s| s.key.clone()));
+            match catch_unwind(AssertUnwindSafe(|| batcher.batch(items, &device))) {
+                Ok(batch) => Output::Batch { batch, dropped, state },
+                Err(panic) => {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into());
+                    let (first, last) = keys;
+                    let detail = format!(
+                        "the batcher failed on the batch of samples {} to {}: {why}",
+                        first.unwrap_or_default(),
+                        last.unwrap_or_default()
+                    );
+                    Output::Error { error: Error::Stage { stage: "collate".into(), detail }, state }
+                }
+            }
+        }
+        Output::Error { error, state } => Output::Error { error, state },
+        Output::End { dropped, state } => Output::End { dropped, state },
+    };
+    Completion { workers, complete: Arc::new(complete) }
 }
 
 /// Counters of a run, for the CLI summary and for tests. `read == emitted + dropped` always.

@@ -24,7 +24,7 @@ use burn::tensor::Device;
 use super::Config;
 use super::config::LastStage;
 use super::models::Models;
-use super::sink::{BatchSink, Output};
+use super::sink::{BatchSink, Output, collation};
 use crate::decode::{DecodeStage, Decoder, grid};
 use crate::device::IntraOp;
 use crate::error::{Error, Result, SampleError};
@@ -103,8 +103,6 @@ pub(super) fn run_epoch<O: Send + 'static>(e: EpochSetup<'_, O>) -> Result<Run<O
 
     // batch: the ordered sink.
     let sink = BatchSink {
-        batcher: e.batcher,
-        device: e.device,
         batch_size: cfg.batch_size,
         on_error: cfg.on_error,
         target: e.target,
@@ -115,7 +113,7 @@ pub(super) fn run_epoch<O: Send + 'static>(e: EpochSetup<'_, O>) -> Result<Run<O
         pending: Vec::new(),
         dropped: Vec::new(),
     };
-    graph.sink(tail, credits, sink)
+    graph.sink(tail, credits, sink, collation(e.batcher, e.device, cfg.collate_workers))
 }
 
 /// decode → score → prune → extract → enrich, stopping after [`Config::last_stage`].

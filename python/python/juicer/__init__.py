@@ -149,8 +149,9 @@ class Loader(_Dataset):  # type: ignore[misc, valid-type]
     ``weights=DIR``, "random", "none"), ``keep_ratio`` (0.5) or ``keep_threshold`` or ``keep_mass``,
     ``min_keep``, ``max_keep``, ``extract`` ("tree", "flat"), ``class_threshold``, ``class_temperature``,
     ``second_threshold``, ``top_k``, ``min_prob``, ``vocabulary``, ``template``, ``mix``, ``image_size`` (224),
-    ``patch_size`` (16), ``score_size``, ``jpeg_draft``, ``decode_workers``, ``reader_workers``, ``capacity``,
-    ``micro_batch``, ``model_workers``, ``intra_op_threads``, ``on_error`` ("drop", "fail"),
+    ``patch_size`` (16), ``score_size``, ``jpeg_draft``, ``decode_workers``, ``collate_workers``,
+    ``reader_workers``, ``capacity``, ``micro_batch``, ``model_workers``, ``intra_op_threads``, ``on_error``
+    ("drop", "fail"),
     ``max_image_pixels``, ``max_member_bytes``, ``max_caption_bytes``, ``max_meta_bytes``, ``max_json_depth``,
     ``storage_options`` (dict), ``count_cache``, ``score_cache``, ``score_cache_max_bytes``, ``last_stage``.
     ``juicer.OPTIONS`` lists them. An unknown option raises ``TypeError``, a bad value ``ValueError``, each naming
