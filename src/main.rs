@@ -55,6 +55,12 @@ enum Command {
     /// Without SOURCES it generates synthetic JPEG shards (--synthetic, --synthetic-size) so runs compare.
     /// The report's JSON layout (--json) is documented in the README and in `juicer::bench::BenchReport`.
     Bench(Box<BenchArgs>),
+    /// Write the embedded MobileNetV2 weights (torchvision's IMAGENET1K_V1 state_dict as safetensors, the
+    /// scorer's and classifier's default) to FILE, for a reference framework to load the very same tensors.
+    ExportWeights {
+        /// Where the safetensors file goes.
+        file: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -175,6 +181,10 @@ struct RunArgs {
     /// Decode workers (default: cores).
     #[arg(long)]
     workers: Option<usize>,
+    /// Collator threads building batches behind the ordered sink (default: one per 4 cores, 1 to 4; 0: on the
+    /// sink's thread).
+    #[arg(long)]
+    collate_workers: Option<usize>,
     /// Shard reader workers.
     #[arg(long, default_value_t = 2)]
     readers: usize,
@@ -234,7 +244,7 @@ struct RunArgs {
     /// Items per model micro-batch; 0 chooses: 4 on the CPU, 16 on a GPU.
     #[arg(long, default_value_t = 0)]
     micro_batch: usize,
-    /// Model threads (model replicas) per model stage; 0 chooses: 2 on a CPU with at least 2 cores, 1 on a GPU.
+    /// Model threads (model replicas) per model stage; 0 chooses 2 (1 on a single-core CPU).
     #[arg(long, default_value_t = 0)]
     model_workers: usize,
     /// Run the cam scorer on an S×S downscale of the model input (cheaper; the CAM is 7×7 at 224 anyway). The
@@ -344,6 +354,8 @@ fn main() -> std::process::ExitCode {
         Command::Show(args) => show(*args),
         Command::Write(args) => write(*args),
         Command::Bench(args) => bench(*args),
+        Command::ExportWeights { file } => std::fs::write(&file, juicer::model::mobilenet_v2::embedded_weights())
+            .with_context(|| format!("writing {}", file.display())),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -422,6 +434,9 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
         });
     if let Some(w) = args.workers {
         builder = builder.decode_workers(w);
+    }
+    if let Some(w) = args.collate_workers {
+        builder = builder.collate_workers(w);
     }
     for (k, v) in &args.storage_options {
         builder = builder.storage_option(k, v);
@@ -845,10 +860,26 @@ struct BenchArgs {
     /// Draw throughput and per-stage busy share over time into FILE.png.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Instead of the pipeline: profile the MobileNetV2 forward on --device layer kind by layer kind (upload,
+    /// stem, expand, depthwise, project, head, classifier, read back, host CAM), micro-batch --micro-batch (0: 16).
+    #[arg(long, conflicts_with_all = ["devices", "plot"])]
+    layers: bool,
+    /// Timed rounds of --layers (one micro-batch each).
+    #[arg(long, default_value_t = 20, requires = "layers")]
+    layer_rounds: usize,
+    /// Untimed rounds of --layers first (kernel compilation, autotuning).
+    #[arg(long, default_value_t = 3, requires = "layers")]
+    layer_warmup: usize,
 }
 
 fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     use juicer::bench::{self, Window, synthetic};
+    if args.layers {
+        let spec: DeviceSpec = args.run.device.parse()?;
+        let micro_batch = if args.run.micro_batch == 0 { 16 } else { args.run.micro_batch };
+        let profile = bench::layers::profile(spec, micro_batch, args.layer_rounds, args.layer_warmup)?;
+        return emit(&bench::layers::render(&profile), &profile, args.json.as_deref());
+    }
     if args.run.sources.is_empty() {
         let (w, h) = args
             .synthetic_size
@@ -898,22 +929,28 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     }
     let window = Window { warmup: args.warmup, samples: args.samples, seconds: args.seconds, epochs: args.epochs };
     let report = bench::run(&loaders, &window)?;
-    if args.json.as_deref() == Some("-") {
-        eprint!("{}", bench::render(&report));
-    } else {
-        print!("{}", bench::render(&report));
-    }
-    match args.json.as_deref() {
-        None => {}
-        Some("-") => println!("{}", serde_json::to_string_pretty(&report)?),
-        Some(path) => {
-            std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {path}"))?
-        }
-    }
+    emit(&bench::render(&report), &report, args.json.as_deref())?;
     if let Some(path) = &args.plot {
         let step = report.pipelines.iter().map(|p| p.seconds + p.warmup_seconds).fold(0.0, f64::max) / 60.0;
         bench::plot::save(&report, path, step.max(0.2))?;
         eprintln!("plot: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Prints a bench table (to stderr when the JSON goes to stdout) and writes the JSON where `--json` says.
+fn emit(table: &str, report: &impl serde::Serialize, json: Option<&str>) -> anyhow::Result<()> {
+    if json == Some("-") {
+        eprint!("{table}");
+    } else {
+        print!("{table}");
+    }
+    match json {
+        None => {}
+        Some("-") => println!("{}", serde_json::to_string_pretty(report)?),
+        Some(path) => {
+            std::fs::write(path, serde_json::to_string_pretty(report)?).with_context(|| format!("writing {path}"))?
+        }
     }
     Ok(())
 }

@@ -299,6 +299,33 @@ fn a_bogus_device_fails_with_a_clear_message() {
 }
 
 #[test]
+fn a_gpu_that_is_not_there_is_a_device_error_naming_what_exists() {
+    // `wgpu:N` asks for the N-th discrete GPU; CI has none (at most Mesa's software driver), and burn panicked
+    // with a backtrace on first use of the missing adapter.
+    let discrete = juicer::device::hardware_gpus().0;
+    let (past, further) = (format!("wgpu:{discrete}"), format!("wgpu:{}", discrete + 3));
+    for cmd in [&["run", SHARDS, "--limit", "4", "--device", &past][..], &["bench", "--layers", "--device", &further]] {
+        let out = juicer(cmd);
+        assert!(!out.status.success(), "{cmd:?}");
+        let err = stderr(&out);
+        assert!(err.contains("device `wgpu:") && err.contains("no discrete GPU #"), "{cmd:?}: {err}");
+        assert!(err.contains("found)") && err.contains("wgpu finds"), "names what exists: {err}");
+        assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "no panic: {err}");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn export_weights_writes_the_embedded_safetensors_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mobilenet_v2.safetensors");
+    let out = juicer(&["export-weights", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shipped = std::fs::read(fixtures().join("mobilenet_v2/mobilenet_v2.safetensors")).unwrap();
+    assert!(std::fs::read(&file).unwrap() == shipped, "the exported weights are the shipped file");
+}
+
+#[test]
 fn cuda_without_the_cuda_feature_says_how_to_get_it() {
     if cfg!(feature = "cuda") {
         return;
