@@ -417,3 +417,65 @@ fn mobilenet_wgpu_matches_flex() {
     assert!(d_features <= 1e-3 && d_logits <= 1e-3);
     assert_eq!(top_k(&logits, 5), top_k(&r["logits"].f32s(), 5));
 }
+
+/// The `cam` scorer as the pipeline runs it (folded BatchNorms, micro-batch of the four reference photos) on
+/// wgpu's default adapter against the CPU path: the same top-5 classes per photo, probabilities and saliency
+/// within the tolerances above. Skipped (with a note) when there is no adapter; on CI Mesa's software Vulkan
+/// driver runs it, burn's autotuned GPU kernels included.
+#[cfg(feature = "wgpu")]
+#[test]
+fn cam_scorer_wgpu_matches_cpu() {
+    use juicer::DeviceSpec;
+    use juicer::decode::{DecodeConfig, Decoder};
+    use juicer::sample::{Decoded, RawSample};
+    use juicer::stage::BatchStage;
+    use juicer::vision::{CamScorer, Classifier};
+
+    if juicer::device::adapters().is_empty() {
+        println!("SKIPPED cam_scorer_wgpu_matches_cpu: no wgpu adapter available");
+        return;
+    }
+    let decoder = Decoder::new(DecodeConfig::default());
+    let decoded = || -> Vec<Decoded> {
+        PHOTOS
+            .iter()
+            .map(|key| {
+                let image = std::fs::read(fixtures().join(format!("../gcompris/{key}.webp"))).unwrap();
+                let raw = RawSample {
+                    key: key.to_string(),
+                    image: image.into(),
+                    image_ext: "webp".into(),
+                    caption: None,
+                    meta: None,
+                };
+                decoder.decode(raw).unwrap()
+            })
+            .collect()
+    };
+    let scorer = |device: &Device| CamScorer {
+        classifier: Classifier::load(None, device).unwrap(),
+        patch: 16,
+        cam_top: 5,
+        top_k: 3,
+        score_size: 0,
+    };
+    let wgpu = DeviceSpec::Wgpu(None).resolve().unwrap();
+    let start = Instant::now();
+    let on_gpu = scorer(&wgpu).process_batch(decoded());
+    let first = start.elapsed();
+    let on_cpu = scorer(&Device::flex()).process_batch(decoded());
+    for ((g, c), key) in on_gpu.into_iter().zip(on_cpu).zip(PHOTOS) {
+        let (g, c) = (g.unwrap(), c.unwrap());
+        assert_eq!(top_k(&g.probs, 5), top_k(&c.probs, 5), "{key}: top-5 classes");
+        let d_probs = max_abs_diff(&g.probs, &c.probs);
+        let scale = c.scores.iter().fold(0f32, |m, s| m.max(s.abs())).max(1.0);
+        let d_scores = max_abs_diff(&g.scores, &c.scores) / scale;
+        println!(
+            "{key}: wgpu vs cpu max|Δp| {d_probs:.2e}, saliency max|Δ|/max {d_scores:.2e} (first batch {first:?})"
+        );
+        assert!(d_probs <= 1e-3, "{key}: probabilities differ by {d_probs}");
+        assert!(d_scores <= 1e-3, "{key}: saliency differs by {d_scores} of its range");
+        let (gc, cc) = (g.candidates.unwrap(), c.candidates.unwrap());
+        assert_eq!(gc.iter().map(|x| x.id).collect::<Vec<_>>(), cc.iter().map(|x| x.id).collect::<Vec<_>>());
+    }
+}

@@ -62,9 +62,11 @@ pub struct VisionConfig {
     /// Longest wait for a micro-batch to fill (default 20 ms).
     pub max_wait: std::time::Duration,
     /// Model threads per model stage, each with its own replica of the model on the device. 0 (the default)
-    /// chooses when the loader is built: 2 on a CPU device with at least 2 cores (one forward does not keep
-    /// two cores busy: 1.28× samples/s measured on 2 cores), 1 on a GPU. The metrics table (`juicer bench`,
-    /// `juicer run`) shows the workers chosen.
+    /// chooses when the loader is built ([`auto_model_workers`]): 2 on a CPU device with at least 2 cores (one
+    /// forward does not keep two cores busy: 1.28× samples/s measured on 2 cores), 2 on a GPU, so that one
+    /// replica's host work (stacking, upload, read-back, the host CAM) overlaps the other's kernels (on an H200
+    /// the whole graph gave 390 samples/s with one replica, 492 with 4, 530 with 8). The metrics table
+    /// (`juicer bench`, `juicer run`) shows the workers chosen.
     pub model_workers: usize,
     /// Side of the `cam` scorer's input (`None`: the model input, [`crate::decode::DecodeConfig::image_size`]).
     /// A smaller side downscales each decoded image for the scorer only (antialiased, [`cam::downscale_planes`]);
@@ -81,7 +83,7 @@ pub struct VisionConfig {
 
 /// The model workers [`VisionConfig::model_workers`] = 0 stands for on `device`, with `cores` CPU cores.
 pub fn auto_model_workers(device: &burn::tensor::Device, cores: usize) -> usize {
-    if *device == burn::tensor::Device::flex() && cores >= 2 { 2 } else { 1 }
+    if *device == burn::tensor::Device::flex() && cores < 2 { 1 } else { 2 }
 }
 
 /// The micro-batch [`VisionConfig::micro_batch`] = 0 stands for on `device`. On the CPU a forward's cost per image
@@ -141,11 +143,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn model_workers_default_to_two_on_a_multicore_cpu_and_one_otherwise() {
+    fn model_workers_default_to_two_but_one_on_a_single_core_cpu() {
         let cpu = burn::tensor::Device::flex();
         assert_eq!(auto_model_workers(&cpu, 2), 2);
         assert_eq!(auto_model_workers(&cpu, 16), 2);
         assert_eq!(auto_model_workers(&cpu, 1), 1);
+        #[cfg(feature = "wgpu")]
+        {
+            // A wgpu device is only a name until first used: no adapter is needed to ask for its default.
+            let gpu = burn::tensor::Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+            assert_eq!(auto_model_workers(&gpu, 1), 2, "two replicas on a GPU overlap host work with kernels");
+        }
         assert_eq!(VisionConfig::default().model_workers, 0, "0 = chosen at build");
         assert!(VisionConfig::default().problems().is_empty());
     }
