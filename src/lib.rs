@@ -62,8 +62,10 @@
 //! | collate | `src/pipeline/sink.rs` + `src/batch.rs` | [`Config::collate_workers`] | collator threads running the batcher ([`JuicedBatcher`] by default), outputs in order |
 //!
 //! By module:
-//! - [`pipeline`]: **API boundary.** `mod.rs`: [`Juicer`] (the loader: shards, epochs, resume) and [`JuicerIter`]
-//!   (one epoch; `Iterator`, `next_async`, `into_stream`, `state`, `summary`); `config.rs`: [`Config`],
+//! - [`pipeline`]: **API boundary.** `mod.rs`: [`Juicer`] (the loader: shards, `iter`/`stream`, `juice`);
+//!   `epochs.rs`: shard counts, samples and batches per rank and epoch; `resume.rs`: the epoch counter, exact
+//!   and elastic resumption; `iter.rs`: [`JuicerIter`] (one epoch; `Iterator`, `next_async`, `into_stream`,
+//!   `state`, `summary`); `config.rs`: [`Config`],
 //!   [`LastStage`]; `builder.rs`: [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`); `models.rs`: models
 //!   loaded once at build time, the score cache's namespace; `topology.rs`: the stage graph of one epoch, wired in
 //!   diagram order, and the same stages run inline over in-memory samples ([`Juicer::juice`]); `sink.rs`: the
