@@ -69,7 +69,7 @@
 //!   [`LastStage`]; `builder.rs`: [`JuicerBuilder`] (verbs as burn's `DataLoaderBuilder`); `models.rs`: models
 //!   loaded once at build time, the score cache's namespace; `topology.rs`: the stage graph of one epoch, wired in
 //!   diagram order, and the same stages run inline over in-memory samples ([`Juicer::juice`]); `sink.rs`: the
-//!   ordered sink (checkpoint mirror, accounting, batching) and [`Summary`]; `loader.rs`: burn's `DataLoader`
+//!   ordered sink (checkpoint mirror, accounting, cutting batches), the collation behind it and [`Summary`]; `loader.rs`: burn's `DataLoader`
 //!   trait.
 //! - [`graph`]: the runtime. Bounded instrumented edges ([`graph::Outlet`]/[`graph::Inlet`]), per-item stages on
 //!   N workers, model stages on one thread per device with micro-batching, the credit window, the reorder sink
