@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU figure juicer reports, in one go, into one JSON report.
+# Every GPU figure juicer reports, in one go, into one JSON report. Two ways, depending on the GPU machine:
 #
-#   bash benches/gpu.sh [--out FILE] [--backend wgpu|cuda] [--lavapipe] [--samples N] [--steps N]
+#   A GPU machine without Rust (the lent ones: no cargo, no network, no Vulkan loader): a kit of at most 20 MiB.
+#     bash benches/gpu.sh pack DIR [--cuda] [--no-build] [--photos auto|all|N] [--budget-mib M] [--force] ...
+#         on the build machine: builds, strips and xz-compresses juicer + train_clip (with --cuda also a CUDA build
+#         of juicer), fetches Debian's libvulkan1 .deb and the webdataset wheels for CPython 3.12, copies the peer
+#         scripts and the photos the bench shards are cropped from, checks the size (`bash benches/gpu.sh pack
+#         --help` for every option; benches/gpu/README.md for the layout);
+#     DIR/run.sh [--quick] [--out FILE] ...
+#         on the GPU machine (bash + python3 with torch): juicer (wgpu, and CUDA when packed) against PyTorch
+#         pipelines (webdataset + PIL + CUDA MobileNetV2 CAM; nvJPEG decode on the GPU + CAM), alternating rounds,
+#         then train_clip; one table, one JSON (DIR/report.json). `DIR/run.sh --smoke` checks a kit on a machine
+#         without a GPU (Mesa's lavapipe, the peers on the CPU). `DIR/run.sh --help` for every option.
 #
-# GPU time is short and lent: build first (the script builds before it touches the GPU), run this once, give
-# the machine back. It measures, on the GPU backend it finds:
+#   A GPU machine with cargo: everything in one step, building there.
+#     bash benches/gpu.sh [--out FILE] [--backend wgpu|cuda] [--lavapipe] [--samples N] [--steps N]
+#
+# The one-step mode: GPU time is short and lent: build first (the script builds before it touches the GPU), run
+# this once, give the machine back. It measures, on the GPU backend it finds:
 #   1. `juicer bench` (the whole graph, defaults) with micro-batch 16, 32 and 64, on synthetic JPEG shards
 #      (640x480, --samples of them) and on the fixture shards (73 WebP photos, listed 4 times), one pipeline per
 #      GPU (`--devices`): samples/s, kept patches/s, time to the first batch, CPU per sample, stage shares;
@@ -24,6 +37,12 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+
+# The two-step mode's first step lives in benches/gpu/pack.sh.
+if [[ "${1:-}" == pack ]]; then
+    shift
+    exec bash "$ROOT/benches/gpu/pack.sh" "$@"
+fi
 
 OUT="target/gpu/report.json"
 BACKEND=""

@@ -4,6 +4,9 @@
     python peers.py cam      --inputs cam_inputs.f32 --weights mobilenet_v2.safetensors --batch 16 --images 128 --threads N
     python peers.py tokenize --captions pairs.jsonl --count 20000
     python peers.py versions
+    python peers.py photos   --fixtures fixtures/gcompris --out DIR --count 500 [--jobs N]
+    python peers.py graph    --shards A.tar ... --weights W [--device cpu|cuda[:N]] --workers N --batch-size B
+    python peers.py graph_nvjpeg --shards A.tar ... --weights W [--device cuda[:N]] --workers N --batch-size B
 
 - decode: webdataset + PIL decode + torchvision Resize(224, bilinear, antialias) + CenterCrop(224) + ToTensor +
   Normalize(ImageNet) + patchify into [196, 768] (unfold, channel-major per patch as juicer's `patchify`), batched
@@ -14,6 +17,13 @@
   3), class activation maps (classifier weight rows x feature map), bilinear to 14x14 (align_corners=False), the
   probability-weighted saliency mix and the top-3 candidates, as juicer's CamScorer. Only the scoring is timed.
 - tokenize: open_clip.tokenize over the captions cycled to --count, one thread (torch.set_num_threads(1)).
+- photos: WebDataset shards of JPEG crops of the fixture photos (see cmd_photos); --jobs N renders the shards in N
+  processes, with the same bytes as one process.
+- graph: the Python peer of juicer's whole graph (see cmd_graph); --device cuda[:N] runs the CAM model on the GPU
+  (batches pinned and copied, the clock read after torch.cuda.synchronize() at the window's two ends).
+- graph_nvjpeg: the GPU-decode peer (see cmd_graph_nvjpeg): workers read raw JPEG bytes only, the main process
+  decodes them with nvJPEG (torchvision.io.decode_jpeg on the GPU), resizes, crops and normalises on the GPU, then the
+  graph's CAM and kept-half selection. Without CUDA it decodes on the CPU and says so in its JSON ("note").
 """
 
 import argparse
@@ -103,8 +113,8 @@ class Window:
     """The timed window of a loader run: it opens at the batch that brings the count to `warmup` samples and
     closes at the last batch; CPU time counts this process and the DataLoader workers `pids`."""
 
-    def __init__(self, warmup, pids):
-        self.warmup, self.pids = warmup, pids
+    def __init__(self, warmup, pids, sync=None):
+        self.warmup, self.pids, self.sync = warmup, pids, sync
         self.started = time.perf_counter()
         self.emitted = self.samples = self.batches = 0
         self.t0 = self.last = self.cpu0 = self.cpu1 = None
@@ -114,6 +124,9 @@ class Window:
         self.emitted += n
         if self.t0 is None:
             if self.emitted >= self.warmup:
+                if self.sync is not None:  # a GPU run: the warm-up's queued work is done before the clock starts
+                    self.sync()
+                    now = time.perf_counter()
                 self.t0 = self.last = now
                 self.cpu0 = self.cpu1 = cpu_with_workers(self.pids)
             return
@@ -121,6 +134,14 @@ class Window:
         self.batches += 1
         self.last = now
         self.cpu1 = cpu_with_workers(self.pids)
+
+    def finish(self):
+        """A GPU run: waits for the queued work of the window's batches, then closes the window (a CPU run closes
+        it at the last batch, in `batch`)."""
+        if self.sync is not None and self.t0 is not None and self.samples:
+            self.sync()
+            self.last = time.perf_counter()
+            self.cpu1 = cpu_with_workers(self.pids)
 
     def report(self, task, **extra):
         if self.t0 is None or self.samples == 0:
@@ -146,9 +167,10 @@ def cam_scores(model, weight, x, cam_top=5, top_k=3, grid=(14, 14)):
     return saliency, idx[:, :top_k], p[:, :top_k], maps[:, :top_k].flatten(2)
 
 
-def patch_loader(args):
+def patch_loader(args, pin_memory=False, sync=None):
     """webdataset → PIL → `Prepare` in a `DataLoader` over `args.shards` (batches of `args.batch_size`, with
-    `args.workers` workers), started, with its timed [`Window`]."""
+    `args.workers` workers, pinned batches with `pin_memory`), started, with its timed [`Window`] (`sync`: see
+    `Window`)."""
     import webdataset as wds
     from torch.utils.data import DataLoader
 
@@ -158,8 +180,12 @@ def patch_loader(args):
         .to_tuple("jpg;jpeg;png;webp", "txt")
         .map_tuple(Prepare(), _identity)
     )
-    it = iter(DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers))
-    return it, Window(args.warmup, [w.pid for w in getattr(it, "_workers", [])])
+    if pin_memory:
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=True)
+    else:
+        loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers)
+    it = iter(loader)
+    return it, Window(args.warmup, [w.pid for w in getattr(it, "_workers", [])], sync)
 
 
 def cmd_decode(args):
@@ -174,9 +200,40 @@ def cmd_decode(args):
     print(json.dumps(window.report("decode", workers=args.workers, batch_shape=shape)))
 
 
+def _load_safetensors(path):
+    """A safetensors file as {name: tensor} without the `safetensors` package (which a GPU kit may lack): 8 bytes of
+    little-endian header length, the JSON header, then the raw little-endian tensor data."""
+    import struct
+
+    import torch
+
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    body = bytearray(data[8 + n :])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = t["data_offsets"]
+        dtype = dtypes[t["dtype"]]
+        flat = torch.frombuffer(body, dtype=dtype, offset=start, count=(end - start) // dtype.itemsize) if end > start \
+            else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(t["shape"]).clone()
+    return out
+
+
 def load_mobilenet(weights):
     import torchvision
-    from safetensors.torch import load_file
+
+    try:
+        from safetensors.torch import load_file
+    except ImportError:  # the GPU kit carries no safetensors wheel: the format is simple enough to read here
+        load_file = _load_safetensors
 
     model = torchvision.models.mobilenet_v2(weights=None)
     missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
@@ -235,6 +292,64 @@ def cmd_cam(args):
     )
 
 
+def _photo_plan(args, pairs, rng, w, h):
+    """The crops `cmd_photos` draws, without decoding a photo: per sample (pair index, scaled size, crop offset), drawn
+    from `rng` in the same order and from the same image sizes (read from the file headers) as the one-process loop."""
+    from PIL import Image
+
+    sizes = {}
+    plan = []
+    for i in range(args.count):
+        k = i % len(pairs)
+        if k not in sizes:
+            with Image.open(os.path.join(args.fixtures, pairs[k]["image"])) as im:
+                sizes[k] = im.size
+        iw, ih = sizes[k]
+        cover = max(w / iw, h / ih)
+        scale = cover / rng.uniform(args.scale_min, 1.0)
+        sw, sh = max(w, round(iw * scale)), max(h, round(ih * scale))
+        x, y = rng.randint(0, sw - w), rng.randint(0, sh - h)
+        plan.append((k, sw, sh, x, y))
+    return plan
+
+
+def _photo_shard(job):
+    """Writes one shard of `_photos_parallel`'s plan: the bytes `cmd_photos` writes in one process."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    fixtures, path, w, h, items, pairs = job
+    with tarfile.open(path + ".partial", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (k, sw, sh, x, y) in items:
+            pair = pairs[k]
+            im = Image.open(os.path.join(fixtures, pair["image"])).convert("RGB")
+            im = im.resize((sw, sh), Image.BILINEAR)
+            buf = io.BytesIO()
+            im.crop((x, y, x + w, y + h)).save(buf, "JPEG", quality=90)
+            for ext, data in (("jpg", buf.getvalue()), ("txt", pair["caption"].encode("utf-8"))):
+                info = tarfile.TarInfo(f"{i:06d}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(path + ".partial", path)
+    return path
+
+
+def _photos_parallel(args, pairs, rng, w, h):
+    """`cmd_photos` with --jobs N: the crops planned in order (cheap), then the shards rendered by N processes."""
+    import multiprocessing
+
+    plan = _photo_plan(args, pairs, rng, w, h)
+    per = args.per_shard
+    jobs = []
+    for s in range(-(-args.count // per)):
+        items = [(i, plan[i]) for i in range(s * per, min(args.count, (s + 1) * per))]
+        jobs.append((args.fixtures, os.path.join(args.out, f"photos-{s:06d}.tar"), w, h, items, pairs))
+    with multiprocessing.get_context("fork").Pool(min(args.jobs, len(jobs))) as pool:
+        return pool.map(_photo_shard, jobs, chunksize=1)
+
+
 def cmd_photos(args):
     """Writes WebDataset shards of `count` JPEG crops (`size`, quality 90) of the fixture photos, deterministic.
 
@@ -253,6 +368,10 @@ def cmd_photos(args):
         pairs = [json.loads(line) for line in f if line.strip()]
     rng = random.Random(args.seed)
     os.makedirs(args.out, exist_ok=True)
+    if args.jobs > 1:
+        shards = _photos_parallel(args, pairs, rng, w, h)
+        print(json.dumps({"shards": shards, "count": args.count, "size": args.size}))
+        return
     shards, per = [], args.per_shard
     for s in range(-(-args.count // per)):
         name = f"photos-{s:06d}.tar"
@@ -278,23 +397,128 @@ def cmd_photos(args):
 
 def cmd_graph(args):
     """The Python peer of juicer's whole graph: webdataset + PIL decode and transforms in DataLoader workers, then
-    torchvision MobileNetV2 CAM saliency and top-3 classes per batch in the main process (the `cam` maths)."""
+    torchvision MobileNetV2 CAM saliency and top-3 classes per batch in the main process (the `cam` maths).
+
+    --device cuda[:N]: the model and the batches on that GPU (pinned batches, non-blocking copies); the workers are
+    started before CUDA is, and the clock is read after torch.cuda.synchronize() when the window opens and closes."""
     import torch
 
     torch.set_num_threads(args.threads)
     model = load_mobilenet(args.weights)
     weight = model.classifier[1].weight.detach()
-    it, window = patch_loader(args)
+    if args.device == "cpu":
+        it, window = patch_loader(args)
+        with torch.inference_mode():
+            for patches, _captions in it:
+                b = patches.shape[0]
+                # patches [B, 196, 768] back to images [B, 3, 224, 224] (the loader hands out patches, as juicer does).
+                x = patches.reshape(b, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 224, 224)
+                saliency = cam_scores(model, weight, x)[0]
+                keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices  # the kept half, as juicer's default ratio
+                _kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[2]))
+                window.batch(b)
+        print(json.dumps(window.report("graph", workers=args.workers, threads=torch.get_num_threads())))
+        return
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        sys.exit(f"graph: --device {args.device}: torch has no CUDA device here (torch.cuda.is_available() is False)")
+    sync = lambda: torch.cuda.synchronize(device)  # noqa: E731
+    it, window = patch_loader(args, pin_memory=True, sync=sync)  # workers forked before CUDA starts in this process
+    model = model.to(device)
+    weight = weight.to(device)
     with torch.inference_mode():
         for patches, _captions in it:
             b = patches.shape[0]
-            # patches [B, 196, 768] back to images [B, 3, 224, 224] (the loader hands out patches, as juicer does).
+            patches = patches.to(device, non_blocking=True)
             x = patches.reshape(b, 14, 14, 3, 16, 16).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, 224, 224)
             saliency = cam_scores(model, weight, x)[0]
-            keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices  # the kept half, as juicer's default ratio
+            keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices
             _kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[2]))
             window.batch(b)
-    print(json.dumps(window.report("graph", workers=args.workers, threads=torch.get_num_threads())))
+    window.finish()
+    print(json.dumps(window.report("graph", workers=args.workers, threads=torch.get_num_threads(),
+                                   device=str(device), gpu=torch.cuda.get_device_name(device))))
+
+
+def _collate_jpeg_bytes(samples):
+    """(jpeg bytes, caption bytes) samples -> one uint8 tensor of the JPEGs back to back, their lengths, the captions:
+    a batch crosses from the worker in one shared-memory tensor instead of one per image."""
+    import torch
+
+    jpegs = [s[0] for s in samples]
+    data = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+    return data, [len(j) for j in jpegs], [s[1] for s in samples]
+
+
+def cmd_graph_nvjpeg(args):
+    """The GPU-decode peer of juicer's whole graph: webdataset in DataLoader workers reads the raw JPEG bytes only (no
+    decoding there); the main process decodes each batch with nvJPEG (`torchvision.io.decode_jpeg(list of uint8
+    tensors, device='cuda')`), resizes (bilinear, antialias) the short side to 224, centre-crops 224, scales to
+    [0, 1] and normalises (ImageNet) on the GPU, then runs the graph peer's CAM maths and keeps the top half of the
+    patches. The window and CPU time are as `graph`'s (clock read after torch.cuda.synchronize()).
+
+    Without CUDA (a smoke test on a machine without a GPU) it decodes on the CPU with the same call and reports
+    "device": "cpu" and a "note" saying there was no nvJPEG."""
+    import torch
+    import torchvision
+    import torchvision.transforms.functional as TF
+    import webdataset as wds
+    from torch.utils.data import DataLoader
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    torch.set_num_threads(args.threads)
+    note = None
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        note = "torch.cuda is unavailable: decode_jpeg ran on the CPU (no nvJPEG), and so did the model"
+        device = torch.device("cpu")
+    model = load_mobilenet(args.weights)
+    weight = model.classifier[1].weight.detach()
+    dataset = wds.WebDataset(args.shards, shardshuffle=False, empty_check=False).to_tuple("jpg;jpeg", "txt")
+    use_cuda = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        collate_fn=_collate_jpeg_bytes, pin_memory=False)
+    it = iter(loader)  # workers forked before CUDA starts in this process
+    sync = (lambda: torch.cuda.synchronize(device)) if use_cuda else None
+    window = Window(args.warmup, [w.pid for w in getattr(it, "_workers", [])], sync)
+    model = model.to(device)
+    weight = weight.to(device)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    size = 224
+
+    def prepare(images):
+        """Decoded [3, H, W] uint8 images -> [B, 3, 224, 224] normalised float: torchvision Resize(224, bilinear,
+        antialias) + CenterCrop(224) + ToTensor + Normalize, as the `graph` peer's PIL path, on the GPU."""
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) == 1:  # the usual case (the photo crops are all 640x480): one batched resize
+            x = TF.resize(torch.stack(images), [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+            x = TF.center_crop(x, [size, size])
+        else:
+            x = torch.stack([
+                TF.center_crop(TF.resize(im, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True),
+                               [size, size]) for im in images])
+        return (x.float() / 255.0 - mean) / std
+
+    with torch.inference_mode():
+        for data, lengths, _captions in it:
+            b = len(lengths)
+            jpegs = list(torch.split(data, lengths))
+            images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+            x = prepare(images)
+            saliency = cam_scores(model, weight, x)[0]
+            patches = x.unfold(2, 16, 16).unfold(3, 16, 16).permute(0, 2, 3, 1, 4, 5).reshape(b, -1, 3 * 16 * 16)
+            keep = saliency.topk(saliency.shape[1] // 2, dim=1).indices
+            _kept = torch.gather(patches, 1, keep[:, :, None].expand(-1, -1, patches.shape[2]))
+            window.batch(b)
+    window.finish()
+    extra = {"device": str(device), "decode": "nvjpeg" if use_cuda else "cpu",
+             "torchvision": torchvision.__version__}
+    if use_cuda:
+        extra["gpu"] = torch.cuda.get_device_name(device)
+    if note:
+        extra["note"] = note
+    print(json.dumps(window.report("graph_nvjpeg", workers=args.workers, threads=torch.get_num_threads(), **extra)))
 
 
 def cmd_tokenize(args):
@@ -350,6 +574,7 @@ def main():
     ph.add_argument("--size", default="640x480")
     ph.add_argument("--scale-min", type=float, default=0.7)
     ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--jobs", type=int, default=1, help="processes rendering shards (same bytes as 1)")
     g = sub.add_parser("graph")
     g.add_argument("--shards", nargs="+", required=True)
     g.add_argument("--weights", required=True)
@@ -357,6 +582,15 @@ def main():
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--warmup", type=int, default=32)
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the CAM model runs")
+    gn = sub.add_parser("graph_nvjpeg")
+    gn.add_argument("--shards", nargs="+", required=True)
+    gn.add_argument("--weights", required=True)
+    gn.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    gn.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    gn.add_argument("--batch-size", type=int, default=64)
+    gn.add_argument("--warmup", type=int, default=32)
+    gn.add_argument("--device", default="cuda", help="cuda[:N] (default cuda); without CUDA it falls back to the CPU")
     t = sub.add_parser("tokenize")
     t.add_argument("--captions", required=True)
     t.add_argument("--count", type=int, default=20000)
@@ -364,7 +598,7 @@ def main():
     args = ap.parse_args()
     {
         "decode": cmd_decode, "cam": cmd_cam, "tokenize": cmd_tokenize, "photos": cmd_photos, "graph": cmd_graph,
-        "versions": cmd_versions,
+        "graph_nvjpeg": cmd_graph_nvjpeg, "versions": cmd_versions,
     }[args.cmd](args)
 
 
