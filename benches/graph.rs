@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use juicer::error::{Error, SampleError};
-use juicer::graph::{Envelope, Graph, SinkLogic, SinkStep};
+use juicer::graph::{Completion, Envelope, Graph, SinkLogic, SinkStep};
 use juicer::stage::Stage;
 
 /// Items per run.
@@ -88,7 +88,8 @@ fn run(n: u64, depth: usize, workers: usize) -> u64 {
     for _ in 0..depth {
         edge = graph.map(edge, stage.clone(), workers).expect("stage threads");
     }
-    let mut out = graph.sink(edge, credits, Count { n: 0, in_order: true }).expect("sink thread");
+    let mut out =
+        graph.sink(edge, credits, Count { n: 0, in_order: true }, Completion::identity()).expect("sink thread");
     let (count, in_order) = out.blocking_recv().expect("the sink reports its count");
     assert!(in_order && count == n, "sink saw {count} items (in order: {in_order})");
     count

@@ -347,11 +347,7 @@ fn cuda_device(n: usize) -> Result<Device> {
     match opened {
         Ok(()) => Ok(device),
         Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the CUDA runtime failed to start".into());
+            let why = crate::error::panic_message(&*panic).unwrap_or_else(|| "the CUDA runtime failed to start".into());
             Err(Error::Device {
                 device: DeviceSpec::Cuda(Some(n)).to_string(),
                 detail: format!(

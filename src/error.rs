@@ -197,3 +197,8 @@ impl Error {
         Error::Io { context: context.into(), source }
     }
 }
+
+/// The message a caught panic carries (`panic!("...")` with a literal or a formatted string), if it has one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned())
+}

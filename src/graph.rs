@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 
-use crate::error::{Error, Result, SampleError};
+use crate::error::{Error, Result, SampleError, panic_message};
 use crate::stage::{BatchStage, Stage};
 
 /// An item travelling through the graph: sequence number, pass-through metadata and the payload or the
@@ -532,11 +532,7 @@ impl Graph {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e),
                     Err(panic) => {
-                        let detail = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "panicked".to_string());
+                        let detail = panic_message(&*panic).unwrap_or_else(|| "panicked".to_string());
                         Some(Error::Stage { stage, detail })
                     }
                 };

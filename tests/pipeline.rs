@@ -457,3 +457,40 @@ fn dropping_the_iterator_anywhere_joins_every_thread_and_leaks_no_descriptor() {
         eprintln!("{rounds} drops: (fds, threads) stayed at {baseline:?}");
     }
 }
+
+/// A batcher that fails on its third batch: keys only, so the test needs no device.
+struct FailsOnThird(std::sync::atomic::AtomicUsize);
+
+impl burn::data::dataloader::batcher::Batcher<juicer::JuicedSample, Vec<String>> for FailsOnThird {
+    fn batch(&self, items: Vec<juicer::JuicedSample>, _: &burn::tensor::Device) -> Vec<String> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 2 {
+            panic!("no room for {} samples", items.len());
+        }
+        items.into_iter().map(|s| s.key).collect()
+    }
+}
+
+#[test]
+fn collators_keep_the_order_and_a_failing_batcher_is_an_error_naming_its_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let shards = specs(&make_shards(dir.path(), &[40, 40], |_| Fault::None));
+    let keys = |collate: usize, batcher| {
+        let loader = builder(shards.clone()).batch_size(4).collate_workers(collate).build_with(batcher).unwrap();
+        loader.iter().unwrap().collect::<Vec<_>>()
+    };
+    // Counting from 3, it never reaches its failing third call.
+    let never_fails = || FailsOnThird(std::sync::atomic::AtomicUsize::new(3));
+    // Order: the same batches with the batcher on the sink's thread and on 1 or 4 collators.
+    let inline: Vec<Vec<String>> = keys(0, never_fails()).into_iter().map(Result::unwrap).collect();
+    assert_eq!(inline.len(), 20);
+    for collate in [1, 4] {
+        let got: Vec<Vec<String>> = keys(collate, never_fails()).into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, inline, "{collate} collators");
+    }
+    // A panicking batcher: the batches before it, then an error naming the stage and the batch's samples.
+    let out = keys(2, FailsOnThird(std::sync::atomic::AtomicUsize::new(0)));
+    assert!(out[0].is_ok() && out[1].is_ok(), "{:?}", out.iter().map(Result::is_ok).collect::<Vec<_>>());
+    let err = out[2].as_ref().unwrap_err().to_string();
+    assert!(err.contains("`collate`") && err.contains("no room for 4 samples"), "{err}");
+    assert!(err.contains(&inline[2][0]) && err.contains(&inline[2][3]), "names the first and last sample: {err}");
+}

@@ -293,8 +293,8 @@ def cmd_cam(args):
 
 
 def _photo_plan(args, pairs, rng, w, h):
-    """The crops `cmd_photos` draws, without decoding a photo: per sample (pair index, scaled size, crop offset), drawn
-    from `rng` in the same order and from the same image sizes (read from the file headers) as the one-process loop."""
+    """The crops `cmd_photos` draws, without decoding a photo: per sample (pair index, scaled size, crop offset),
+    drawn from `rng` in sample order, from the image sizes in the file headers."""
     from PIL import Image
 
     sizes = {}
@@ -314,7 +314,7 @@ def _photo_plan(args, pairs, rng, w, h):
 
 
 def _photo_shard(job):
-    """Writes one shard of `_photos_parallel`'s plan: the bytes `cmd_photos` writes in one process."""
+    """Writes one shard of `cmd_photos`'s plan."""
     import io
     import tarfile
 
@@ -336,62 +336,33 @@ def _photo_shard(job):
     return path
 
 
-def _photos_parallel(args, pairs, rng, w, h):
-    """`cmd_photos` with --jobs N: the crops planned in order (cheap), then the shards rendered by N processes."""
-    import multiprocessing
-
-    plan = _photo_plan(args, pairs, rng, w, h)
-    per = args.per_shard
-    jobs = []
-    for s in range(-(-args.count // per)):
-        items = [(i, plan[i]) for i in range(s * per, min(args.count, (s + 1) * per))]
-        jobs.append((args.fixtures, os.path.join(args.out, f"photos-{s:06d}.tar"), w, h, items, pairs))
-    with multiprocessing.get_context("fork").Pool(min(args.jobs, len(jobs))) as pool:
-        return pool.map(_photo_shard, jobs, chunksize=1)
-
-
 def cmd_photos(args):
     """Writes WebDataset shards of `count` JPEG crops (`size`, quality 90) of the fixture photos, deterministic.
 
     Each sample is one fixture photo (cycled), scaled so that the crop shows between all of its width or height and
     `scale_min` of it, then cropped at a drawn offset: real photo content at a camera-like size, unlike the synthetic
-    shards.
+    shards. The crops are planned in order first (cheap), then the shards are rendered, by `--jobs` processes when
+    more than one: the bytes do not depend on the job count.
     """
-    import io
+    import multiprocessing
     import random
-    import tarfile
-
-    from PIL import Image
 
     w, h = (int(v) for v in args.size.split("x"))
     with open(os.path.join(args.fixtures, "pairs.jsonl"), encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     rng = random.Random(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    if args.jobs > 1:
-        shards = _photos_parallel(args, pairs, rng, w, h)
-        print(json.dumps({"shards": shards, "count": args.count, "size": args.size}))
-        return
-    shards, per = [], args.per_shard
+    plan = _photo_plan(args, pairs, rng, w, h)
+    per = args.per_shard
+    jobs = []
     for s in range(-(-args.count // per)):
-        name = f"photos-{s:06d}.tar"
-        path = os.path.join(args.out, name)
-        with tarfile.open(path + ".partial", "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(s * per, min(args.count, (s + 1) * per)):
-                pair = pairs[i % len(pairs)]
-                im = Image.open(os.path.join(args.fixtures, pair["image"])).convert("RGB")
-                cover = max(w / im.width, h / im.height)
-                scale = cover / rng.uniform(args.scale_min, 1.0)  # from the whole photo's width or height to 1/0.7 zoom
-                im = im.resize((max(w, round(im.width * scale)), max(h, round(im.height * scale))), Image.BILINEAR)
-                x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-                buf = io.BytesIO()
-                im.crop((x, y, x + w, y + h)).save(buf, "JPEG", quality=90)
-                for ext, data in (("jpg", buf.getvalue()), ("txt", pair["caption"].encode("utf-8"))):
-                    info = tarfile.TarInfo(f"{i:06d}.{ext}")
-                    info.size, info.mtime = len(data), 0
-                    tar.addfile(info, io.BytesIO(data))
-        os.replace(path + ".partial", path)
-        shards.append(path)
+        items = [(i, plan[i]) for i in range(s * per, min(args.count, (s + 1) * per))]
+        jobs.append((args.fixtures, os.path.join(args.out, f"photos-{s:06d}.tar"), w, h, items, pairs))
+    if args.jobs > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("fork").Pool(min(args.jobs, len(jobs))) as pool:
+            shards = pool.map(_photo_shard, jobs, chunksize=1)
+    else:
+        shards = [_photo_shard(job) for job in jobs]
     print(json.dumps({"shards": shards, "count": args.count, "size": args.size}))
 
 

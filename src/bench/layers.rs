@@ -20,6 +20,8 @@
 //! CUBECL_DEBUG_OPTION=profile juicer bench --layers --layer-rounds 1 --layer-warmup 0`): one line per kernel.
 //!
 //! Like the rest of the harness this is measurement only: no test asserts a duration.
+//!
+//! [`MobileNetV2::forward_features_observed`]: crate::model::mobilenet_v2::MobileNetV2::forward_features_observed
 
 use std::time::{Duration, Instant};
 

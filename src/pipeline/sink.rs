@@ -12,7 +12,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::Device;
 use serde::Serialize;
 
-use crate::error::{Error, OnError, SampleError};
+use crate::error::{Error, OnError, SampleError, panic_message};
 use crate::graph::{Completion, Envelope, SinkLogic, SinkStep, StageSnapshot};
 use crate::plan::{LoaderState, Trace};
 use crate::sample::JuicedSample;
@@ -159,11 +159,7 @@ pub(super) fn collation<O: Send + 'static>(
             match catch_unwind(AssertUnwindSafe(|| batcher.batch(items, &device))) {
                 Ok(batch) => Output::Batch { batch, dropped, state },
                 Err(panic) => {
-                    let why = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "a panic".into());
+                    let why = panic_message(&*panic).unwrap_or_else(|| "a panic".into());
                     let (first, last) = keys;
                     let detail = format!(
                         "the batcher failed on the batch of samples {} to {}: {why}",
