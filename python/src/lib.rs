@@ -7,9 +7,10 @@
 //!   `Vec`s, never burn tensors. Keyword options are parsed here ([`options`]), each error naming its option.
 //! - [`Epoch`] is one epoch in progress (a [`JuicerIter`]). `__next__` waits for the next batch with the GIL
 //!   released: the graph's threads never need the GIL, and a Python thread waiting on juicer never blocks them.
-//! - [`Array`] hands one batch buffer to Python **without a copy**: it owns the `Vec` and exposes it through the
-//!   buffer protocol (format, shape, strides), so `numpy.asarray(array)` is a view of the Rust allocation and
-//!   `torch.from_numpy` of that a view again. The `Vec` is freed when the last view goes.
+//! - [`Array`] hands one batch buffer to Python **without a copy**: it owns the `Vec` and exposes it through
+//!   numpy's array interface (address, type, shape), so `numpy.asarray(array)` is a view of the Rust allocation
+//!   and `torch.from_numpy` of that a view again. The `Vec` is freed when the last view goes. The interface is
+//!   plain Python data, so the module builds for CPython's stable ABI (one abi3 wheel for 3.9 and later).
 //! - Fork safety: juicer's threads do not survive `fork()`. The first process that builds a loader owns the
 //!   module; a forked child that builds or iterates one gets a `RuntimeError` saying what to do instead, never a
 //!   hang on a thread that does not exist.
@@ -22,14 +23,14 @@
 //! `cargo doc -p juicer-python --document-private-items`.
 #![allow(rustdoc::private_intra_doc_links)]
 
-use std::ffi::{CString, c_int, c_void};
+use std::ffi::c_void;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use juicer::{ArrayBatcher, Class, HostBatch, Juicer, JuicerIter, LoaderState, RawSample};
-use pyo3::exceptions::{PyBufferError, PyException, PyRuntimeError, PyStopIteration};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyStopIteration};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 mod options;
 
@@ -286,7 +287,7 @@ fn classes_py<'py>(py: Python<'py>, classes: &[Vec<Class>]) -> PyResult<Bound<'p
 #[pymethods]
 impl Batch {
     /// The five arrays, `(patches, positions, patch_mask, tokens, token_mask)`, each an object exposing its
-    /// buffer (numpy.asarray views it without a copy). Handed over once: the batch keeps no reference.
+    /// buffer through numpy's array interface (numpy.asarray views it without a copy). Handed over once: the batch keeps no reference.
     fn take_arrays(&self) -> PyResult<(Array, Array, Array, Array, Array)> {
         let [a, b, c, d, e] = lock(&self.arrays)?
             .take()
@@ -325,34 +326,27 @@ enum Data {
 }
 
 impl Data {
-    fn parts(&mut self) -> (*mut c_void, usize, usize, &'static str) {
+    /// The first element's address and numpy's type string of the elements.
+    fn parts(&mut self) -> (*mut c_void, &'static str) {
         match self {
-            Data::F32(v) => (v.as_mut_ptr().cast(), v.len(), 4, "f"),
-            Data::I64(v) => (v.as_mut_ptr().cast(), v.len(), 8, "q"),
-            // `bool` is one byte holding 0 or 1 in Rust, as numpy's `?`.
-            Data::Bool(v) => (v.as_mut_ptr().cast(), v.len(), 1, "?"),
+            Data::F32(v) => (v.as_mut_ptr().cast(), "<f4"),
+            Data::I64(v) => (v.as_mut_ptr().cast(), "<i8"),
+            // `bool` is one byte holding 0 or 1 in Rust, as numpy's `|b1`.
+            Data::Bool(v) => (v.as_mut_ptr().cast(), "|b1"),
         }
     }
 }
 
-/// One batch buffer, owned here and lent to Python through the buffer protocol (writable, C-contiguous).
+/// One batch buffer, owned here and lent to numpy through its array interface (writable, C-contiguous).
 #[pyclass(module = "juicer._juicer")]
 struct Array {
     data: Data,
-    shape: Vec<isize>,
-    strides: Vec<isize>,
+    shape: Vec<usize>,
 }
 
 impl Array {
     fn new(data: Data, shape: &[usize]) -> Self {
-        let mut a = Self { data, shape: shape.iter().map(|&s| s as isize).collect(), strides: Vec::new() };
-        let item = a.data.parts().2 as isize;
-        let mut strides = vec![item; shape.len()];
-        for i in (0..shape.len().saturating_sub(1)).rev() {
-            strides[i] = strides[i + 1] * a.shape[i + 1];
-        }
-        a.strides = strides;
-        a
+        Self { data, shape: shape.to_vec() }
     }
 }
 
@@ -364,55 +358,21 @@ impl Array {
         self.data.parts().0 as usize
     }
 
-    /// # Safety
-    /// `view` is the `Py_buffer` CPython passes; the buffer stays valid while `view.obj` holds this object, and
-    /// the shape and strides arrays are fields of it that never change.
-    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut pyo3::ffi::Py_buffer, flags: c_int) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("null Py_buffer"));
-        }
-        let (ptr, len, item, format, ndim, shape, strides) = {
-            let mut a = slf.borrow_mut();
-            let (ptr, len, item, format) = a.data.parts();
-            (ptr, len, item, format, a.shape.len(), a.shape.as_mut_ptr(), a.strides.as_mut_ptr())
-        };
-        let format = if flags & pyo3::ffi::PyBUF_FORMAT != 0 {
-            CString::new(format).map_err(|_| PyBufferError::new_err("format"))?.into_raw()
-        } else {
-            std::ptr::null_mut()
-        };
-        // SAFETY: `view` is non-null and points to a Py_buffer CPython owns for this call; the pointers stored
-        // in it point into `slf`'s fields, which live (unchanged: no method resizes them) as long as `slf`,
-        // whose reference `view.obj` keeps.
-        unsafe {
-            (*view).obj = slf.into_any().into_ptr();
-            (*view).buf = ptr;
-            (*view).len = (len * item) as isize;
-            (*view).readonly = 0;
-            (*view).itemsize = item as isize;
-            (*view).format = format;
-            (*view).ndim = ndim as c_int;
-            (*view).shape = if flags & pyo3::ffi::PyBUF_ND != 0 { shape } else { std::ptr::null_mut() };
-            (*view).strides = if flags & pyo3::ffi::PyBUF_STRIDES == pyo3::ffi::PyBUF_STRIDES {
-                strides
-            } else {
-                std::ptr::null_mut()
-            };
-            (*view).suboffsets = std::ptr::null_mut();
-            (*view).internal = std::ptr::null_mut();
-        }
-        Ok(())
-    }
-
-    /// # Safety
-    /// `view` is a `Py_buffer` this object's `__getbuffer__` filled.
-    unsafe fn __releasebuffer__(&self, view: *mut pyo3::ffi::Py_buffer) {
-        // SAFETY: `format` is null or the CString `__getbuffer__` leaked for this view.
-        unsafe {
-            if !(*view).format.is_null() {
-                drop(CString::from_raw((*view).format));
-            }
-        }
+    /// numpy's array interface (version 3): `numpy.asarray(a)` makes a writable, C-contiguous view of this
+    /// buffer, not a copy, whose `base` is this object, so the buffer lives as long as any view of it. Plain
+    /// Python data: it works under CPython's stable ABI (the abi3 wheel, 3.9 and later), where the buffer
+    /// protocol would need 3.11.
+    #[getter]
+    fn __array_interface__<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (ptr, typestr) = self.data.parts();
+        let d = PyDict::new(py);
+        d.set_item("version", 3)?;
+        d.set_item("shape", PyTuple::new(py, &self.shape)?)?;
+        d.set_item("typestr", typestr)?;
+        // (address, read-only flag)
+        d.set_item("data", (ptr as usize, false))?;
+        d.set_item("strides", py.None())?;
+        Ok(d)
     }
 }
 
