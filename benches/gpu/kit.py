@@ -29,6 +29,8 @@ import tarfile
 import time
 import zipfile
 
+from peers import cores, cpu_model  # peers.py travels beside kit.py in every kit
+
 
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
@@ -159,24 +161,6 @@ def sh(cmd, timeout=60):
     except (OSError, subprocess.SubprocessError):
         return None
     return p.stdout.strip() if p.returncode == 0 else None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def mem_total_bytes():

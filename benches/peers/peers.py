@@ -29,6 +29,7 @@
 import argparse
 import json
 import os
+import platform
 import sys
 import time
 
@@ -62,6 +63,26 @@ def cmd_versions(_args):
     except Exception:  # noqa: BLE001 (versions are informative only)
         pass
     print(json.dumps(out))
+
+
+def cpu_model():
+    """The processor's name (/proc/cpuinfo), for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cores():
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def patchify(x, patch=16):
