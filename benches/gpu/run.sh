@@ -8,13 +8,13 @@
 # bash, coreutils and a python3 with torch + torchvision (CUDA) + pillow + numpy (PYTHON=... picks another python):
 # no Rust, no network, no root, no Vulkan loader, no xz or dpkg (python's lzma, tarfile and zipfile stand in).
 #
-#   1. unpacks DIR/bin.tar.xz (juicer, train_clip, and juicer-cuda when packed) into DIR/work/bin;
-#   2. extracts the Vulkan loader (libvulkan.so.1) from DIR/libvulkan1_*.deb into DIR/work/vulkan and puts it first
+#   1. unpacks DIR/bin.tar.xz (juicer, train_clip, and juicer-cuda when packed) into DIR/unpacked/bin;
+#   2. extracts the Vulkan loader (libvulkan.so.1) from DIR/libvulkan1_*.deb into DIR/unpacked/vulkan and puts it first
 #      on LD_LIBRARY_PATH: the machine's NVIDIA driver brings its Vulkan ICD, not the loader;
-#   3. installs DIR/wheels (webdataset, braceexpand, pyyaml) into DIR/work/pydeps (pip --target --no-deps, or
+#   3. installs DIR/wheels (webdataset, braceexpand, pyyaml) into DIR/unpacked/pydeps (pip --target --no-deps, or
 #      unzipped without pip) and puts that on PYTHONPATH;
 #   4. records the machine (nvidia-smi, the Vulkan ICD manifests, cores, memory, /dev/shm, python/torch/torchvision
-#      versions, an nvJPEG test decode) in DIR/work/machine.json;
+#      versions, an nvJPEG test decode) in DIR/unpacked/machine.json;
 #   5. gets the MobileNetV2 weights for the PyTorch peers: `juicer export-weights FILE` (the bytes juicer embeds),
 #      else carved out of the juicer binary (same bytes, checked against the sha256 in DIR/kit.json), or --weights;
 #   6. makes the bench shards from the kit's photos (`peers.py photos`: 640x480 JPEG q90 random crops, seeded,
@@ -32,7 +32,7 @@
 #      train_clip for --steps steps (50) on the GPU, batch 64 (samples/s, data wait, loss);
 #   9. prints one table (pipeline, samples/s median and per-round range, ratio to the nvJPEG peer, CPU ms/sample)
 #      and writes one JSON report (--out, default DIR/report.json), the machine and every run's own JSON inside.
-#      Every run's output is in DIR/work/runs/*.log, the whole console in DIR/work/run.log.
+#      Every run's output is in DIR/unpacked/runs/*.log, the whole console in DIR/unpacked/run.log.
 #
 # --smoke: a check of the kit on a machine without a GPU: 64 samples, 1 round, batch 16, warm-up 16, juicer on
 # `--device wgpu` (the default adapter: Mesa's lavapipe there), the PyTorch peers on the CPU (the nvJPEG peer
@@ -40,12 +40,12 @@
 # adds it); the figures mean nothing. On a 2-core machine it takes about 10 minutes, most of it burn autotuning
 # its kernels on lavapipe.
 # --timeout S bounds each run (300 s; smoke 1200 s): one that takes longer is killed and reported as failed.
-# A second run reuses DIR/work (binaries, loader, wheels, shards); delete it to start afresh. Exit status: 0 when
+# A second run reuses DIR/unpacked (binaries, loader, wheels, shards); delete it to start afresh. Exit status: 0 when
 # every run worked, 3 when some failed (the others are still measured and reported), 1 on a setup error.
 set -euo pipefail
 
 KIT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-WORK="$KIT/work"
+WORK="$KIT/unpacked"
 PY="${PYTHON:-python3}"
 
 MODE=full
@@ -277,7 +277,7 @@ main() {
     return "$rc"
 }
 
-# The console goes to DIR/work/run.log as well. A pipeline, not `exec > >(tee ...)`: nothing is left to wait for
+# The console goes to DIR/unpacked/run.log as well. A pipeline, not `exec > >(tee ...)`: nothing is left to wait for
 # when main returns, and pipefail hands back main's exit status.
 mkdir -p "$WORK"
 main 2>&1 | tee "$WORK/run.log"
