@@ -861,7 +861,7 @@ struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// Instead of the pipeline: profile the MobileNetV2 forward on --device layer kind by layer kind (upload,
-    /// stem, expand, depthwise, project, head, classifier, read back, host CAM), micro-batch --micro-batch (0: 16).
+    /// stem, expand, depthwise, project, head, classifier, read back, host CAM), micro-batch --micro-batch.
     #[arg(long, conflicts_with_all = ["devices", "plot"])]
     layers: bool,
     /// Timed rounds of --layers (one micro-batch each).
@@ -876,8 +876,7 @@ fn bench(mut args: BenchArgs) -> anyhow::Result<()> {
     use juicer::bench::{self, Window, synthetic};
     if args.layers {
         let spec: DeviceSpec = args.run.device.parse()?;
-        let micro_batch = if args.run.micro_batch == 0 { 16 } else { args.run.micro_batch };
-        let profile = bench::layers::profile(spec, micro_batch, args.layer_rounds, args.layer_warmup)?;
+        let profile = bench::layers::profile(spec, args.run.micro_batch, args.layer_rounds, args.layer_warmup)?;
         return emit(&bench::layers::render(&profile), &profile, args.json.as_deref());
     }
     if args.run.sources.is_empty() {

@@ -25,15 +25,15 @@
 
 use std::time::{Duration, Instant};
 
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Device;
 use serde::Serialize;
 
 use crate::device::DeviceSpec;
 use crate::error::{Error, Result};
-use crate::model::mobilenet_v2::{self, INPUT_SIZE, LayerKind};
+use crate::model::mobilenet_v2::{INPUT_SIZE, LayerKind};
 use crate::rng::SplitMix64;
-use crate::vision::cam;
-use crate::vision::score::{Classifier, stack_images};
+use crate::vision::auto_micro_batch;
+use crate::vision::score::{Classifier, read_back, stack_images};
 
 /// Version of the JSON layout of [`LayerProfile`].
 pub const SCHEMA: u32 = 1;
@@ -82,20 +82,20 @@ pub struct LayerProfile {
     pub end_to_end_ms_per_image: f64,
 }
 
-/// Profiles the embedded MobileNetV2 on `spec` with micro-batches of `micro_batch` images: `warmup` untimed
-/// rounds, then `rounds` timed ones (module docs).
+/// Profiles the embedded MobileNetV2 on `spec` with micro-batches of `micro_batch` images (0: the pipeline's
+/// default on that device, [`auto_micro_batch`]): `warmup` untimed rounds, then `rounds` timed ones (module
+/// docs).
 ///
 /// # Errors
-/// [`Error::Device`] when the device cannot be opened or fails a sync; [`Error::Config`] for a zero
-/// `micro_batch` or `rounds`.
+/// [`Error::Device`] when the device cannot be opened or fails a sync; [`Error::Config`] for zero `rounds`.
 pub fn profile(spec: DeviceSpec, micro_batch: usize, rounds: usize, warmup: usize) -> Result<LayerProfile> {
-    if micro_batch == 0 || rounds == 0 {
-        return Err(Error::Config(vec!["--layers needs a micro-batch and a round count above 0".into()]));
+    if rounds == 0 {
+        return Err(Error::Config(vec!["--layers needs a round count above 0".into()]));
     }
     let device = spec.resolve()?;
+    let micro_batch = if micro_batch == 0 { auto_micro_batch(&device) } else { micro_batch };
     let classifier = Classifier::load(None, &device)?;
     let model = classifier.model();
-    let weight = classifier.head_weight();
     let images = random_images(micro_batch);
     let slices: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
     let sync = |device: &Device| {
@@ -137,11 +137,9 @@ pub fn profile(spec: DeviceSpec, micro_batch: usize, rounds: usize, warmup: usiz
         }
         let logits = model.classify(features.clone());
         lap(steps - 3, &mut per, &device)?;
-        let read = |t: Tensor<4>| t.into_data().try_to_vec::<f32>();
-        let f = read(features).map_err(|e| device_error(spec, format!("reading features: {e:?}")))?;
-        let l = logits.into_data().try_to_vec::<f32>().map_err(|e| device_error(spec, format!("{e:?}")))?;
+        let host = read_back(features, logits).map_err(|e| device_error(spec, e))?;
         lap(steps - 2, &mut per, &device)?;
-        host_cam(&f, &l, &weight, micro_batch);
+        std::hint::black_box(classifier.candidates(&host, GRID, CAM_TOP));
         lap(steps - 1, &mut per, &device)?;
 
         let t = Instant::now();
@@ -189,24 +187,6 @@ pub fn profile(spec: DeviceSpec, micro_batch: usize, rounds: usize, warmup: usiz
 fn device_error(spec: DeviceSpec, detail: String) -> Error {
     Error::Device { device: spec.to_string(), detail }
 }
-
-/// The scorer's host half: per image, softmax, the top [`CAM_TOP`] classes and their maps on [`GRID`].
-fn host_cam(features: &[f32], logits: &[f32], weight: &[f32], n: usize) {
-    let classes = logits.len() / n.max(1);
-    let per = features.len() / n.max(1);
-    let side = STRIDE_SIDE;
-    let channels = per / (side * side);
-    for i in 0..n {
-        let probs = cam::softmax(&logits[i * classes..(i + 1) * classes]);
-        for (c, _) in cam::top_k(&probs, CAM_TOP) {
-            let map = cam::class_map(&features[i * per..(i + 1) * per], &weight[c * channels..(c + 1) * channels]);
-            std::hint::black_box(cam::resample_bilinear(&map, (side, side), GRID));
-        }
-    }
-}
-
-/// Side of the feature map of a 224×224 input.
-const STRIDE_SIDE: usize = INPUT_SIZE / mobilenet_v2::STRIDE;
 
 /// `n` images of ImageNet-normalised noise (the kernels' cost does not depend on the pixels).
 fn random_images(n: usize) -> Vec<Vec<f32>> {
@@ -280,6 +260,7 @@ mod tests {
         assert!((shares - 1.0).abs() < 1e-9, "shares add up to the synced total: {shares}");
         assert!(p.rows.iter().all(|r| r.ms_per_batch > 0.0), "every step is timed: {p:?}");
         assert!(render(&p).contains("depthwise 3x3"));
-        assert!(profile(DeviceSpec::Cpu, 0, 1, 0).is_err());
+        assert!(profile(DeviceSpec::Cpu, 1, 0, 0).is_err());
+        assert_eq!(profile(DeviceSpec::Cpu, 0, 1, 0).unwrap().micro_batch, 4, "0: the CPU's default micro-batch");
     }
 }

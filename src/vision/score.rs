@@ -136,19 +136,15 @@ impl Classifier {
         &self.model
     }
 
-    /// The classifier weight on the host, `[classes, 1280]` row-major: the rows class activation maps weigh the
-    /// feature map with.
-    pub fn head_weight(&self) -> Arc<Vec<f32>> {
-        self.weight.clone()
-    }
-
     /// Images forwarded through the backbone so far (all clones share the counter).
     pub fn forwards(&self) -> Arc<AtomicU64> {
         self.forwards.clone()
     }
 
     /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images; returns, per image, the probability of
-    /// every class and the top `n_top` classes with their maps on `grid`.
+    /// every class and the top `n_top` classes with their maps on `grid`. Three steps, each its own function so
+    /// that `juicer bench --layers` times the very code the scorer runs: the forward, [`read_back`], then
+    /// [`Classifier::candidates`] on the host.
     pub(crate) fn classify(
         &self,
         images: &[&[f32]],
@@ -156,16 +152,19 @@ impl Classifier {
         grid: (usize, usize),
         n_top: usize,
     ) -> std::result::Result<Vec<Classified>, String> {
-        let n = images.len();
         let x = stack_images(images.iter().copied(), size, &self.device);
         let (features, logits) = self.threads.install(|| self.model.forward(x));
-        self.forwards.fetch_add(n as u64, Ordering::Relaxed);
-        let [_, channels, fh, fw] = features.dims();
-        let f = features.into_data().try_to_vec::<f32>().map_err(|e| format!("reading features: {e:?}"))?;
-        let l = logits.into_data().try_to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
-        let classes = l.len() / n.max(1);
+        self.forwards.fetch_add(images.len() as u64, Ordering::Relaxed);
+        Ok(self.candidates(&read_back(features, logits)?, grid, n_top))
+    }
+
+    /// Per image of a forward read back to the host: softmax, the top `n_top` classes and their activation
+    /// maps resampled to `grid`.
+    pub(crate) fn candidates(&self, host: &HostForward, grid: (usize, usize), n_top: usize) -> Vec<Classified> {
+        let HostForward { features: f, logits: l, n, channels, map: (fh, fw) } = host;
+        let classes = l.len() / (*n).max(1);
         let per = channels * fh * fw;
-        Ok((0..n)
+        (0..*n)
             .map(|i| {
                 let probs = cam::softmax(&l[i * classes..(i + 1) * classes]);
                 let feats = &f[i * per..(i + 1) * per];
@@ -174,13 +173,31 @@ impl Classifier {
                     .map(|(c, p)| {
                         let row = &self.weight[c * channels..(c + 1) * channels];
                         let map = cam::class_map(feats, row);
-                        Candidate { id: c as u32, prob: p, map: cam::resample_bilinear(&map, (fh, fw), grid) }
+                        Candidate { id: c as u32, prob: p, map: cam::resample_bilinear(&map, (*fh, *fw), grid) }
                     })
                     .collect();
                 (probs, top)
             })
-            .collect())
+            .collect()
     }
+}
+
+/// A MobileNetV2 forward on the host: features `[n, channels, map.0, map.1]` and logits `[n, classes]`,
+/// row-major.
+pub(crate) struct HostForward {
+    features: Vec<f32>,
+    logits: Vec<f32>,
+    n: usize,
+    channels: usize,
+    map: (usize, usize),
+}
+
+/// Copies a forward's features and logits from the device to the host.
+pub(crate) fn read_back(features: Tensor<4>, logits: Tensor<2>) -> std::result::Result<HostForward, String> {
+    let [n, channels, fh, fw] = features.dims();
+    let features = features.into_data().try_to_vec::<f32>().map_err(|e| format!("reading features: {e:?}"))?;
+    let logits = logits.into_data().try_to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
+    Ok(HostForward { features, logits, n, channels, map: (fh, fw) })
 }
 
 pub(crate) fn failed_all<T>(
