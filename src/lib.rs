@@ -110,7 +110,8 @@
 //!   preprocessing).
 //! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process), the enrich stage
 //!   (mentions through the vocabulary's synonyms, hyponyms and hypernyms, plurals, templates, deterministic
-//!   `mix`, context-overflow policy) and [`text::phrase`] (articles, lists, sentence ends). **Invariant:** knows
+//!   `mix`, context-overflow policy), [`text::nouns`] (WordNet's noun lemmas → the hierarchy concepts a caption
+//!   already names, with lemmatisation; embedded) and [`text::phrase`] (words, articles, lists, sentence ends). **Invariant:** knows
 //!   no model; the vocabulary is handed to it.
 //! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
 //!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`); one

@@ -108,3 +108,102 @@ fn huge_empty_and_broken_captions_never_panic() {
     assert_eq!(dropped.len(), 1);
     assert_eq!((dropped[0].key.as_str(), dropped[0].reason), ("broken", DropReason::InvalidCaption));
 }
+
+/// The fixture run with this context and tree-rule threshold: (caption, enriched text, added classes) per sample.
+fn fixture_texts(context: usize, class_threshold: f32) -> Vec<(String, String, Vec<juicer::Class>)> {
+    let mut config = juicer::Config::default();
+    config.text.context = context;
+    let shards = fixtures().join("shards/gcompris-{000000..000002}.tar").display().to_string();
+    let loader = JuicedBatch::builder([shards])
+        .config(config)
+        .device(DeviceSpec::Cpu)
+        .batch_size(16)
+        .shuffle_buffer(0)
+        .class_threshold(class_threshold)
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for b in loader.iter().unwrap() {
+        let b = b.unwrap();
+        for i in 0..b.len() {
+            out.push((b.captions[i].clone().unwrap_or_default(), b.enriched[i].clone(), b.added[i].clone()));
+        }
+    }
+    assert_eq!(out.len(), 73);
+    out
+}
+
+/// Every concept a caption names, read independently of the enrich stage's scan and more broadly: every run of
+/// one to four words (not only the longest at each word), each base form of its last word, with every
+/// hierarchy ancestor of what WordNet's nouns say it is.
+fn named_by_any_phrase(caption: &str) -> std::collections::HashSet<u32> {
+    use juicer::text::nouns::Nouns;
+    use juicer::vision::hierarchy::Hierarchy;
+    let (nouns, h) = (Nouns::wordnet().unwrap(), Hierarchy::imagenet().unwrap());
+    let lower = caption.to_lowercase();
+    let words: Vec<&str> = juicer::text::phrase::words(&lower).collect();
+    let mut named = std::collections::HashSet::new();
+    for start in 0..words.len() {
+        for end in start + 1..=(start + 4).min(words.len()) {
+            let init = words[start..end - 1].join(" ");
+            for last in nouns.base_forms(words[end - 1]) {
+                let lemma = if init.is_empty() { last } else { format!("{init} {last}") };
+                for &id in nouns.lemma(&lemma).unwrap_or_default() {
+                    named.insert(id);
+                    named.extend(h.ancestors(id));
+                }
+            }
+        }
+    }
+    named
+}
+
+#[test]
+fn no_added_concept_is_one_its_caption_already_names() {
+    use juicer::vision::hierarchy::{Hierarchy, is_generic};
+    let h = Hierarchy::imagenet().unwrap();
+    let (mut added, mut checked) = (0, 0);
+    // The default threshold, and a low one that puts far more concepts up for adding.
+    for threshold in [0.5, 0.15] {
+        for (caption, _, added_classes) in fixture_texts(77, threshold) {
+            let named = named_by_any_phrase(&caption);
+            for c in &added_classes {
+                let id = h.by_wnid(&c.wnid).expect("an ImageNet concept");
+                assert!(!named.contains(&id), "`{caption}` already names {} ({})", c.name, c.wnid);
+                assert!(!is_generic(h, id), "`{caption}` gained the generic {}", c.name);
+                added += 1;
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 146);
+    println!("{added} added concepts checked");
+    assert!(added >= 10, "only {added} concepts were added: the check saw too little");
+}
+
+#[test]
+fn captions_are_cut_only_at_sentence_or_clause_ends() {
+    let mut cut = 0;
+    for context in [77, 40, 28] {
+        for (caption, text, added) in fixture_texts(context, 0.15) {
+            if added.is_empty() {
+                assert_eq!(text, caption);
+                continue;
+            }
+            let head = [", with ", " Pictured: "].iter().filter_map(|sep| text.rfind(sep)).max().map(|at| &text[..at]);
+            let Some(head) = head else { panic!("{text}") };
+            let caption = caption.trim();
+            assert!(caption.starts_with(head) && !head.is_empty(), "{text}");
+            if head == caption {
+                continue;
+            }
+            cut += 1;
+            let rest = caption[head.len()..].trim_start();
+            let sentence = head.trim_end_matches(['"', '\'', ')', '”', '’']).ends_with(['.', '!', '?', '…']);
+            let clause = rest.starts_with([',', ';', ':', '—', '–', '-']);
+            assert!(sentence || clause, "cut mid-phrase: `{head}` | `{rest}`");
+        }
+    }
+    println!("{cut} cut captions checked");
+    assert!(cut >= 10, "only {cut} captions were cut: the check saw too little");
+}

@@ -428,7 +428,9 @@ fn extract_drops_exactly_the_classes_whose_evidence_was_pruned() {
         );
         for (c, cand) in full.classes.iter().zip(&candidates) {
             assert!((c.prob - cand.prob).abs() < 1e-4, "{key}: {:?} prob {} vs reference {}", c.id, c.prob, cand.prob);
-            assert_eq!(Some(c.name.clone()), Vocabulary::imagenet().unwrap().name(cand.id));
+            // The vocabulary's name, or the synonym the caption names it by ("chameleon" for African chameleon).
+            let v = Vocabulary::imagenet().unwrap();
+            assert!(v.synonyms(cand.id).contains(&c.name), "{key}: {} is not a name of {}", c.name, cand.id);
         }
 
         // Keep 0.5: a subset (same ids, names, probabilities, order) ...

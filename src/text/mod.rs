@@ -1,7 +1,9 @@
 //! The text branch: OpenAI CLIP's tokenizer (byte-level BPE through HF `tokenizers`), the enrich stage that
-//! folds the extracted concepts into the caption, and [`phrase`], the English it phrases them in.
+//! folds the extracted concepts into the caption, [`nouns`] (what a caption already names, through WordNet's
+//! nouns), and [`phrase`], the English it phrases them in.
 
 pub mod enrich;
+pub mod nouns;
 pub mod phrase;
 pub mod tokenizer;
 
@@ -11,7 +13,8 @@ use crate::stage::Stage;
 use enrich::Enricher;
 use tokenizer::ClipTokenizer;
 
-/// The enrich stage: folds the extracted classes into the caption and tokenises the result.
+/// The enrich stage: folds the extracted classes into the caption, names the classes the caption names by a
+/// synonym as the caption does ([`Enricher::name_as_caption`]), and tokenises the result.
 pub struct EnrichStage {
     /// Caption rules and the mix draw.
     pub enricher: Enricher,
@@ -32,6 +35,7 @@ impl Stage for EnrichStage {
     fn process(&self, mut s: JuicedSample) -> Result<JuicedSample, SampleError> {
         let tok = self.tokenizer;
         let out = self.enricher.enrich(&s.key, self.epoch, s.caption.as_deref(), &s.classes, &|t| tok.count(t));
+        self.enricher.name_as_caption(s.caption.as_deref(), &mut s.classes);
         s.tokens = tok.encode(&out.text);
         s.enriched = out.text;
         s.added = out.added;

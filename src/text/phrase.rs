@@ -11,6 +11,18 @@
 //! The rules are heuristics over the names that occur (ImageNet classes and WordNet hypernyms); the tests pin
 //! the cases that matter for them.
 
+/// Whether `c` belongs to a word: alphanumeric, or a combining mark (so decomposed accents stay in the word).
+pub fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric()
+        || matches!(c, '\u{300}'..='\u{36f}' | '\u{1ab0}'..='\u{1aff}' | '\u{1dc0}'..='\u{1dff}' | '\u{20d0}'..='\u{20ff}' | '\u{fe20}'..='\u{fe2f}')
+}
+
+/// The words of an (already lowercased) text: runs of [`is_word_char`] characters. The enrich stage's notion of a
+/// word, shared by its mention check and [`crate::text::nouns`].
+pub fn words(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !is_word_char(c)).filter(|w| !w.is_empty())
+}
+
 /// Word starts that are spelt with a vowel but sound like a consonant ("a unicorn", "a European", "a one").
 const CONSONANT_SOUND: [&str; 14] =
     ["uni", "use", "usu", "ute", "uto", "ura", "uro", "eu", "ewe", "one", "once", "ukulele", "uganda", "u-"];

@@ -18,9 +18,14 @@
 //!
 //! A [`Hierarchy`] holds both kinds as [`Concept`]s with one id space ([`ConceptId`]): ids `0..1000` are the
 //! classes in torchvision order (a class's id is its class index), then the nodes in WordNet-id order. A class's
-//! display name is torchvision's category name (`fixtures/mobilenet_v2/imagenet_classes.txt`, what the crate
-//! has always written), the curated name and every WordNet lemma are its synonyms; a node's display name is its
-//! WordNet name. WordNet has multiple inheritance (304 classes have more than one path, 37 nodes more than one
+//! display name is the name a person would write: the curated short name when it is one of the class's WordNet
+//! lemmas ("polar bear", not torchvision's "ice bear"; "ring-tailed lemur", not "Madagascar cat"; 108 classes,
+//! except the [`KEPT_LABELS`], where torchvision's is the plain one), else torchvision's category name
+//! (`fixtures/mobilenet_v2/imagenet_classes.txt`); the other names and every WordNet lemma are its synonyms. A
+//! node's display name is its WordNet name. [`GENERIC_NODES`] lists the nameable nodes a caption never gains
+//! ("animal", "mammal").
+//!
+//! WordNet has multiple inheritance (304 classes have more than one path, 37 nodes more than one
 //! parent), so the hierarchy is a DAG: ancestors and the classes under a node are *sets*.
 //!
 //! # The tree rule
@@ -359,6 +364,16 @@ pub const OTHER_SENSE_NODES: &[(&str, &str)] = &[
     ("n04605726", "wrapping"),
 ];
 
+/// Nameable nodes that inform nobody when written into a caption: true of a large share of the classes, and
+/// implied by almost any caption about what they cover. The tree rule may still name them (a record saying
+/// "animal" is correct), but the enrich stage never adds them to a caption. (WordNet id, name.)
+pub const GENERIC_NODES: &[(&str, &str)] =
+    &[("n00015388", "animal"), ("n01861778", "mammal"), ("n01317541", "domestic animal"), ("n03094503", "container")];
+
+/// torchvision labels kept as display names although the curated short name is a WordNet lemma too: the
+/// curated one only adds a word ("German shepherd dog", "laptop computer", "microwave oven").
+pub const KEPT_LABELS: [&str; 3] = ["German shepherd", "laptop", "microwave"];
+
 /// A nameable node covers at most `NAMEABLE_SHARE.0 / NAMEABLE_SHARE.1` of the classes (2/5: 400 of 1000).
 const NAMEABLE_SHARE: (u32, u32) = (2, 5);
 
@@ -607,8 +622,10 @@ impl Hierarchy {
         let mut concepts = Vec::with_capacity(total);
         let mut names_below = Vec::with_capacity(total);
         for (c, class) in raw.classes.into_iter().enumerate() {
-            let name = class_names.get(c).map_or("", |s| s.trim()).to_string();
-            let synonyms = other_names(&name, std::iter::once(class.name).chain(class.synonyms));
+            let label = class_names.get(c).map_or("", |s| s.trim());
+            let name = display_name(label, &class.name, &class.synonyms);
+            let others = [label.to_string(), class.name].into_iter().chain(class.synonyms);
+            let synonyms = other_names(&name, others);
             concepts.push(Concept {
                 wnid: class.wnid,
                 name,
@@ -891,6 +908,26 @@ fn other_names(display: &str, names: impl IntoIterator<Item = String>) -> Vec<St
     names.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty() && seen.insert(s.to_lowercase())).collect()
 }
 
+/// The name a class is written with: the curated short name when it is one of the class's WordNet lemmas (in
+/// WordNet's spelling), else torchvision's label. The curated names that are lemmas are the plainer of the
+/// two ("polar bear" for "ice bear", "pig" for "hog", "ring-tailed lemur" for "Madagascar cat", "plectrum" for
+/// "pick", "computer mouse" for "mouse"; 108 classes); the others are descriptions or carry parentheses.
+/// torchvision's [`KEPT_LABELS`] stay: there the curated lemma only lengthens a plain name.
+fn display_name(label: &str, curated: &str, synonyms: &[String]) -> String {
+    let curated = curated.trim();
+    match synonyms.iter().find(|s| s.trim().eq_ignore_ascii_case(curated)) {
+        Some(lemma) if !curated.eq_ignore_ascii_case(label) && !KEPT_LABELS.contains(&label) => {
+            lemma.trim().to_string()
+        }
+        _ => label.to_string(),
+    }
+}
+
+/// Whether concept `id` is one of the [`GENERIC_NODES`].
+pub fn is_generic(hierarchy: &Hierarchy, id: ConceptId) -> bool {
+    hierarchy.concept(id).is_some_and(|c| GENERIC_NODES.iter().any(|(wnid, _)| *wnid == c.wnid))
+}
+
 /// Words as the enrich stage splits them: runs of alphanumeric characters.
 fn word_count(s: &str) -> usize {
     s.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).count()
@@ -1009,6 +1046,34 @@ mod tests {
             assert!(c.common, "{wnid} {name} is common (else it need not be listed)");
             assert!(!c.nameable);
             assert!(wnids.insert(*wnid), "{wnid} listed once");
+        }
+        for (wnid, name) in GENERIC_NODES {
+            let c = h.concept(id(wnid)).expect("listed node");
+            assert_eq!((c.name.as_str(), c.nameable, c.is_class()), (*name, true, false), "{wnid}");
+            assert!(is_generic(h, id(wnid)));
+        }
+        assert!(!is_generic(h, id(DOG)) && !is_generic(h, 0));
+        // Display names: the plainer WordNet lemma, torchvision's label where it is the plain one.
+        let names = |ids: &[u32]| ids.iter().map(|&i| h.name(i).unwrap_or_default()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&[296, 341, 383, 714, 235, 620, 651, 388, 47]),
+            [
+                "polar bear",
+                "pig",
+                "ring-tailed lemur",
+                "plectrum",
+                "German shepherd",
+                "laptop",
+                "microwave",
+                "giant panda",
+                "African chameleon"
+            ]
+        );
+        let labels = crate::model::mobilenet_v2::imagenet_classes();
+        let renamed = (0..1000).filter(|&i| h.name(i) != Some(labels[i as usize])).count();
+        assert_eq!(renamed, 108);
+        for label in KEPT_LABELS {
+            assert!(h.concepts()[..1000].iter().any(|c| c.name == label), "{label}");
         }
         for (wnid, index, _) in CUT_CLASSES {
             assert_eq!(h.by_wnid(wnid), Some(*index));

@@ -61,20 +61,21 @@ enum Entry {
 }
 
 impl Vocabulary {
-    /// ImageNet-1k with its WordNet hierarchy: torchvision's category names, each class's WordNet lemmas and
-    /// curated short name as synonyms.
+    /// ImageNet-1k with its WordNet hierarchy: each class named by the hierarchy's display name (see
+    /// [`Hierarchy`]), with torchvision's category name, its WordNet lemmas and curated short name as synonyms.
     pub fn imagenet() -> Result<Self> {
         let h = Hierarchy::imagenet()?;
         let table = mobilenet_v2::imagenet_classes()
             .iter()
             .enumerate()
             .map(|(i, label)| {
-                let mut names = split_label(label);
-                if let Some(c) = h.concept(i as ConceptId) {
-                    for s in &c.synonyms {
-                        if !names.iter().any(|n| n.eq_ignore_ascii_case(s)) {
-                            names.push(s.clone());
-                        }
+                let mut names = Vec::new();
+                let concept = h.concept(i as ConceptId);
+                let display = concept.map(|c| c.name.clone()).into_iter();
+                let labels = display.chain(split_label(label));
+                for s in labels.chain(concept.into_iter().flat_map(|c| c.synonyms.iter().cloned())) {
+                    if !names.iter().any(|n: &String| n.eq_ignore_ascii_case(&s)) {
+                        names.push(s);
                     }
                 }
                 names
@@ -288,7 +289,7 @@ mod tests {
         let f = file(r#"{"281": "kitty", "388": ["panda bear", "panda"]}"#);
         let v = Vocabulary::imagenet().unwrap().restrict_with(f.path()).unwrap();
         assert_eq!(v.name(281).as_deref(), Some("kitty"));
-        assert_eq!(v.synonyms(281)[..2], ["kitty", "tabby"]);
+        assert_eq!(v.synonyms(281)[..3], ["kitty", "tabby cat", "tabby"]);
         assert_eq!(v.synonyms(388)[..3], ["panda bear", "panda", "giant panda"]);
         assert_eq!(v.name(282), None);
         assert_eq!(v.synonyms(282)[0], "tiger cat");
