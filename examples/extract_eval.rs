@@ -7,9 +7,21 @@
 //! ```text
 //! cargo run --release --example extract_eval -- [--temperatures 1,2.5] [--thresholds 0.5,0.7] [--second T] [--wrong]
 //! ```
+//!
+//! With `--logits FILE.jsonl --labels FILE.json`, it compares classifiers instead: `FILE.jsonl` holds ImageNet
+//! logits per image, model and view (`benches/classifiers/logits.py` writes it), and each (model, view) runs
+//! the tree rule at keep 1.0 over them, the same [`select_concepts`] the extract stage calls. When the labels
+//! carry a `split` per photo (`calibration` / `test`), the temperature and threshold are **fitted on the
+//! calibration half** (the highest recall with precision ≥ 0.90 and at most 5 % wrong captions there; ties: the
+//! fewest wrong captions, then the higher threshold) and the table reports the **test half** only, beside the
+//! crate's defaults on the same half. `--view image,crop` also scores the rule on the mean of the two views'
+//! probabilities (`image+crop`).
 
-use juicer::vision::ExtractRule;
+use std::collections::BTreeMap;
+
+use juicer::vision::extract::{TreeSettings, select_concepts};
 use juicer::vision::labels::{Labels, Tally};
+use juicer::vision::{Candidate, ExtractRule, Vocabulary};
 use juicer::{DeviceSpec, JuicedBatch};
 
 const SHARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/shards/gcompris-{000000..000002}.tar");
@@ -37,8 +49,167 @@ fn run(labels: &Labels, rule: ExtractRule, keep: f32, second: Option<f32>, wrong
     Ok(tally)
 }
 
+/// Probabilities per (model, view) and image key.
+type Probs = BTreeMap<(String, String), BTreeMap<String, Vec<f32>>>;
+
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    exp.iter().map(|&e| (e / total) as f32).collect()
+}
+
+fn read_logits(path: &str) -> juicer::Result<Probs> {
+    let text = std::fs::read_to_string(path).map_err(|e| juicer::Error::io(format!("reading {path}"), e))?;
+    let mut out = Probs::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| juicer::Error::Json { context: format!("logits {path}"), source: e })?;
+        let field = |k: &str| row[k].as_str().unwrap_or_default().to_string();
+        let logits: Vec<f32> =
+            row["logits"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).map(|v| v as f32).collect();
+        if logits.len() != 1000 {
+            return Err(juicer::Error::Config(vec![format!("{path}: {} has {} logits", field("key"), logits.len())]));
+        }
+        out.entry((field("model"), field("view"))).or_default().insert(field("key"), softmax(&logits));
+    }
+    Ok(out)
+}
+
+/// The tree rule at keep 1.0 over precomputed probabilities (every patch kept, so only the probabilities count).
+fn tally_probs(labels: &Labels, probs: &BTreeMap<String, Vec<f32>>, keys: &[String], t: f32, th: f32) -> Tally {
+    let wrong = std::env::args().any(|a| a == "--wrong");
+    let vocabulary = Vocabulary::imagenet().expect("embedded vocabulary");
+    let settings = TreeSettings {
+        threshold: th,
+        temperature: t,
+        confident: juicer::vision::extract::DEFAULT_CONFIDENT,
+        second_threshold: None,
+        margin: 0.25, // no effect here: every patch is kept
+    };
+    let all: Vec<u32> = (0..49).collect();
+    let mut tally = Tally::default();
+    for key in keys {
+        let Some(p) = probs.get(key) else { continue };
+        let mut order: Vec<u32> = (0..1000).collect();
+        order.sort_by(|&a, &b| p[b as usize].total_cmp(&p[a as usize]));
+        let candidates: Vec<Candidate> =
+            order[..10].iter().map(|&id| Candidate { id, prob: p[id as usize], map: vec![1.0; 49] }).collect();
+        let classes = select_concepts(p, &candidates, &all, 49, settings, &vocabulary);
+        if wrong {
+            for c in classes.iter().filter(|c| labels.correct(key, c) == Some(false)) {
+                println!("  wrong (t = {t}, T = {th}): {key:<28} {} ({:.2})", c.name, c.prob);
+            }
+        }
+        tally.add(labels, key, &classes, &classes);
+    }
+    tally
+}
+
+fn row(name: &str, t: &Tally) -> String {
+    format!(
+        "| {name} | {:.2} ({}/{}) | {:.2} ({}/{}) | {:.1} % ({}) | {:.2} |",
+        t.recall(),
+        t.with_correct,
+        t.images,
+        t.precision(),
+        t.correct,
+        t.emitted,
+        100.0 * t.wrong_caption_share(),
+        t.wrong_captions,
+        t.per_image()
+    )
+}
+
+/// `--logits` mode (module docs).
+fn compare(args: &[String], logits: &str) -> juicer::Result<()> {
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let labels_path = value("--labels").unwrap_or_else(|| LABELS.to_string());
+    let labels = Labels::read(std::path::Path::new(&labels_path))?;
+    let text = std::fs::read_to_string(&labels_path).map_err(|e| juicer::Error::io("reading labels", e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| juicer::Error::Json { context: labels_path.clone(), source: e })?;
+    let mut halves: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (key, entry) in json["labels"].as_object().into_iter().flatten() {
+        halves.entry(entry["split"].as_str().unwrap_or("all").to_string()).or_default().push(key.clone());
+    }
+    let (fit, test) = match (halves.get("calibration"), halves.get("test")) {
+        (Some(c), Some(t)) => (c.clone(), t.clone()),
+        _ => {
+            let all: Vec<String> = halves.values().flatten().cloned().collect();
+            (all.clone(), all)
+        }
+    };
+    let mut probs = read_logits(logits)?;
+    let views: Vec<String> = value("--view").unwrap_or_else(|| "image".into()).split(',').map(String::from).collect();
+    if views.iter().any(|v| v == "crop") {
+        let models: Vec<String> = probs.keys().map(|(m, _)| m.clone()).collect();
+        for model in models {
+            let (Some(image), Some(crop)) =
+                (probs.get(&(model.clone(), "image".into())), probs.get(&(model.clone(), "crop".into())))
+            else {
+                continue;
+            };
+            let mean: BTreeMap<String, Vec<f32>> = image
+                .iter()
+                .filter_map(|(k, a)| {
+                    crop.get(k).map(|b| (k.clone(), a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect()))
+                })
+                .collect();
+            probs.insert((model, "image+crop".into()), mean);
+        }
+    }
+    println!("Fitted on {} calibration photos, reported on {} test photos ({labels_path}).\n", fit.len(), test.len());
+    println!("| classifier (view; t, T) | recall | precision | captions with a wrong concept | concepts per image |");
+    println!("|---|---|---|---|---|");
+    let temperatures = [1.0, 1.5, 2.0, 2.5, 3.0, 4.0];
+    let thresholds = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9];
+    for ((model, view), p) in &probs {
+        if !(views.contains(view) || view == "image+crop" && views.iter().any(|v| v == "crop")) {
+            continue;
+        }
+        let defaults = tally_probs(
+            &labels,
+            p,
+            &test,
+            juicer::vision::extract::DEFAULT_TEMPERATURE,
+            juicer::vision::extract::DEFAULT_THRESHOLD,
+        );
+        println!("{}", row(&format!("{model} ({view}; defaults)"), &defaults));
+        let mut best: Option<(f32, f32, Tally)> = None;
+        for &t in &temperatures {
+            for &th in &thresholds {
+                let c = tally_probs(&labels, p, &fit, t, th);
+                if c.precision() < 0.90 || c.wrong_caption_share() > 0.05 {
+                    continue;
+                }
+                let better = best.as_ref().is_none_or(|(_, bth, b)| {
+                    (c.recall(), -c.wrong_caption_share(), th) > (b.recall(), -b.wrong_caption_share(), *bth)
+                });
+                if better {
+                    best = Some((t, th, c));
+                }
+            }
+        }
+        match best {
+            Some((t, th, _)) => {
+                let tally = tally_probs(&labels, p, &test, t, th);
+                println!("{}", row(&format!("{model} ({view}; fitted t = {t}, T = {th})"), &tally));
+            }
+            None => println!("| {model} ({view}) | no setting reaches the calibration bounds | | | |"),
+        }
+    }
+    Ok(())
+}
+
 fn main() -> juicer::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--logits") {
+        let Some(path) = args.get(i + 1) else {
+            return Err(juicer::Error::Config(vec!["--logits needs a file".into()]));
+        };
+        return compare(&args, path);
+    }
     let wrong = args.iter().any(|a| a == "--wrong");
     let list = |flag: &str, default: f32| -> Vec<f32> {
         match args.iter().position(|a| a == flag) {
