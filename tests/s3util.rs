@@ -96,8 +96,8 @@ pub fn s3_opts(endpoint: SocketAddr) -> ReadOptions {
 pub fn bucket(moto: SocketAddr, tag: &str) -> String {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let name = format!("juicer-{tag}-{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-    let resp = ureq::put(&format!("http://{moto}/{name}")).send_empty().expect("create bucket on moto");
-    assert!(resp.status().is_success(), "create bucket: {}", resp.status());
+    let status = http_put(moto, &format!("/{name}"), &[], b"");
+    assert!((200..300).contains(&status), "create bucket: {status}");
     name
 }
 
@@ -117,12 +117,25 @@ pub fn upload(moto: SocketAddr, bucket: &str, prefix: &str, files: &[std::path::
 /// object is also an `http://` shard). The explicit content type keeps moto's web server from parsing the body
 /// as a form.
 pub fn put(moto: SocketAddr, bucket: &str, key: &str, bytes: &[u8]) {
-    let resp = ureq::put(&format!("http://{moto}/{bucket}/{key}"))
-        .header("Content-Type", "application/octet-stream")
-        .header("x-amz-acl", "public-read")
-        .send(bytes)
-        .expect("put object on moto");
-    assert!(resp.status().is_success(), "put {key}: {}", resp.status());
+    let headers = [("Content-Type", "application/octet-stream"), ("x-amz-acl", "public-read")];
+    let status = http_put(moto, &format!("/{bucket}/{key}"), &headers, bytes);
+    assert!((200..300).contains(&status), "put {key}: {status}");
+}
+
+/// One plain HTTP/1.1 `PUT` to moto over a fresh connection; returns the status code.
+fn http_put(moto: SocketAddr, path: &str, headers: &[(&str, &str)], body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(moto).expect("connect to moto");
+    let mut head =
+        format!("PUT {path} HTTP/1.1\r\nHost: {moto}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body)).expect("send to moto");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read moto's answer");
+    answer.split_whitespace().nth(1).and_then(|code| code.parse().ok()).expect("an HTTP status line")
 }
 
 /// What the proxy does to the requests it forwards.

@@ -13,18 +13,30 @@ use std::io::{self, Read};
 use std::thread;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
+
 use super::ReadOptions;
+use crate::graph::{Prefetch, block_on};
 
 /// Pause before the first retry; doubled on each further retry up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between two retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Body chunks the I/O runtime reads ahead of the tar reader.
+const READ_AHEAD: usize = 8;
+
+/// One response body chunk, or why the body broke.
+type Chunk = Result<Bytes, String>;
 
 /// A resumable reader over an HTTP(S) response body.
 pub(crate) struct HttpReader {
     url: String,
-    agent: ureq::Agent,
-    body: Option<ureq::BodyReader<'static>>,
+    client: reqwest::Client,
+    timeout: Duration,
+    body: Option<Prefetch<Chunk>>,
+    /// The rest of the chunk being read.
+    chunk: Bytes,
     /// Bytes of the shard delivered so far.
     offset: u64,
     /// Total shard length, when the server told it.
@@ -33,6 +45,45 @@ pub(crate) struct HttpReader {
     failures: u32,
     retries: u32,
     stats: super::IoStats,
+}
+
+/// The HTTP client of one reader: the same reqwest (rustls on ring) that object storage uses, with a connect
+/// timeout and a timeout on every read of the body; the wait for the response headers is bounded separately.
+fn client(timeout: Duration) -> io::Result<reqwest::Client> {
+    // reqwest's rustls has no provider compiled in; ring is. Installing twice is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(timeout)
+        .read_timeout(timeout)
+        .build()
+        .map_err(|e| io::Error::other(format!("cannot build the HTTP client: {e}")))
+}
+
+/// What one request answered.
+struct Answer {
+    status: u16,
+    content_length: Option<u64>,
+    content_range: Option<String>,
+    response: reqwest::Response,
+}
+
+/// Sends `request` on the I/O runtime and waits at most `timeout` for the response headers.
+fn send(request: reqwest::RequestBuilder, timeout: Duration) -> Result<Answer, String> {
+    let outcome = block_on(async move {
+        match tokio::time::timeout(timeout, request.send()).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no response within {timeout:?}")),
+        }
+    });
+    let response = outcome.map_err(|e| e.to_string())??;
+    let header = |k: &str| response.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Ok(Answer {
+        status: response.status().as_u16(),
+        content_length: header("content-length").and_then(|v| v.trim().parse().ok()),
+        content_range: header("content-range"),
+        response,
+    })
 }
 
 /// Why a request did not give a usable body.
@@ -55,16 +106,12 @@ impl HttpReader {
     /// `Range: bytes=OFFSET-` request, which must be answered `206 Partial Content` starting there, as for a
     /// reconnect.
     pub(crate) fn open(url: &str, opts: &ReadOptions, offset: u64) -> io::Result<Self> {
-        let timeout = Some(opts.http_timeout);
-        let config = ureq::Agent::config_builder()
-            .timeout_connect(timeout)
-            .timeout_recv_response(timeout)
-            .timeout_per_read(timeout)
-            .build();
         let mut reader = Self {
             url: url.to_string(),
-            agent: ureq::Agent::new_with_config(config),
+            client: client(opts.http_timeout)?,
+            timeout: opts.http_timeout,
             body: None,
+            chunk: Bytes::new(),
             offset,
             total: None,
             failures: 0,
@@ -96,24 +143,24 @@ impl HttpReader {
     /// Sends one request for the bytes from `self.offset` on and installs its body.
     fn connect(&mut self) -> Result<(), ConnectError> {
         self.stats.count_request();
-        let mut request = self.agent.get(&self.url);
+        let mut request = self.client.get(&self.url);
         if self.offset > 0 {
             request = request.header("Range", format!("bytes={}-", self.offset));
         }
-        let response = match request.call() {
-            Ok(r) => r,
-            Err(ureq::Error::StatusCode(416)) => {
+        let answer = send(request, self.timeout).map_err(ConnectError::Transient)?;
+        match answer.status {
+            416 => {
                 let msg = format!("HTTP status 416: byte {} is past the end of the shard", self.offset);
                 return Err(ConnectError::Fatal(io::Error::new(io::ErrorKind::UnexpectedEof, msg)));
             }
-            Err(ureq::Error::StatusCode(code)) if (400..500).contains(&code) => {
+            code @ 400..=499 => {
                 let kind = if code == 404 { io::ErrorKind::NotFound } else { io::ErrorKind::Other };
                 return Err(ConnectError::Fatal(io::Error::new(kind, format!("HTTP status {code}"))));
             }
-            Err(e) => return Err(ConnectError::Transient(e.to_string())),
-        };
-        let status = response.status().as_u16();
-        let content_length = response.body().content_length();
+            code @ 500..=599 => return Err(ConnectError::Transient(format!("HTTP status {code}"))),
+            _ => {}
+        }
+        let (status, content_length) = (answer.status, answer.content_length);
         if self.offset == 0 {
             if status != 200 {
                 return Err(ConnectError::Fatal(io::Error::other(format!("unexpected HTTP status {status}"))));
@@ -127,10 +174,9 @@ impl HttpReader {
                 );
                 return Err(ConnectError::Fatal(io::Error::other(msg)));
             }
-            let start = response
-                .headers()
-                .get("content-range")
-                .and_then(|v| v.to_str().ok())
+            let start = answer
+                .content_range
+                .as_deref()
                 .and_then(|v| v.strip_prefix("bytes "))
                 .and_then(|v| v.split('-').next())
                 .and_then(|v| v.trim().parse::<u64>().ok());
@@ -144,7 +190,11 @@ impl HttpReader {
                 self.total = content_length.map(|n| n + self.offset);
             }
         }
-        self.body = Some(response.into_body().into_reader());
+        let stream = answer.response.bytes_stream().map(|chunk| chunk.map_err(|e| e.to_string())).boxed();
+        let body =
+            Prefetch::new(stream, READ_AHEAD).map_err(|e| ConnectError::Fatal(io::Error::other(e.to_string())))?;
+        self.body = Some(body);
+        self.chunk = Bytes::new();
         Ok(())
     }
 }
@@ -158,21 +208,24 @@ impl Read for HttpReader {
             if self.total.is_some_and(|t| self.offset >= t) {
                 return Ok(0);
             }
-            let failure = match self.body.as_mut() {
-                Some(body) => match body.read(buf) {
-                    Ok(0) => match self.total {
-                        Some(total) => format!("connection closed at byte {} of {total}", self.offset),
-                        None => return Ok(0),
-                    },
-                    Ok(n) => {
-                        self.stats.count_bytes(n as u64);
-                        self.offset += n as u64;
-                        self.failures = 0;
-                        return Ok(n);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => format!("read error at byte {}: {e}", self.offset),
+            if !self.chunk.is_empty() {
+                let n = buf.len().min(self.chunk.len());
+                buf[..n].copy_from_slice(&self.chunk.split_to(n));
+                self.stats.count_bytes(n as u64);
+                self.offset += n as u64;
+                self.failures = 0;
+                return Ok(n);
+            }
+            let failure = match self.body.as_mut().map(Iterator::next) {
+                Some(Some(Ok(bytes))) => {
+                    self.chunk = bytes;
+                    continue;
+                }
+                Some(None) => match self.total {
+                    Some(total) => format!("connection closed at byte {} of {total}", self.offset),
+                    None => return Ok(0),
                 },
+                Some(Some(Err(e))) => format!("read error at byte {}: {e}", self.offset),
                 None => format!("no connection at byte {}", self.offset),
             };
             self.body = None;
@@ -202,16 +255,16 @@ impl Read for HttpReader {
 
 /// `Content-Length` and version tag (`ETag`, else `Last-Modified`) of `url`, from one `HEAD` request.
 pub(crate) fn head(url: &str, opts: &ReadOptions) -> io::Result<(Option<u64>, Option<String>)> {
-    let timeout = Some(opts.http_timeout);
-    let config = ureq::Agent::config_builder().timeout_connect(timeout).timeout_recv_response(timeout).build();
     opts.stats.count_request();
-    let response = ureq::Agent::new_with_config(config).head(url).call().map_err(|e| {
+    let answer = client(opts.http_timeout)
+        .and_then(|c| send(c.head(url), opts.http_timeout).map_err(|e| io::Error::other(format!("HEAD: {e}"))));
+    let answer = answer.inspect_err(|_| opts.stats.count_failure())?;
+    if answer.status >= 400 {
         opts.stats.count_failure();
-        io::Error::other(format!("HEAD: {e}"))
-    })?;
-    let header = |k: &str| response.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let size = header("content-length").and_then(|v| v.trim().parse().ok());
-    Ok((size, header("etag").or_else(|| header("last-modified"))))
+        return Err(io::Error::other(format!("HEAD: HTTP status {}", answer.status)));
+    }
+    let header = |k: &str| answer.response.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    Ok((answer.content_length, header("etag").or_else(|| header("last-modified"))))
 }
 
 #[cfg(test)]
