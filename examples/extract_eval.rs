@@ -237,18 +237,7 @@ fn main() -> juicer::Result<()> {
     for (name, rule) in &rules {
         for keep in [1.0, 0.5] {
             let t = run(&labels, *rule, keep, second, wrong)?;
-            println!(
-                "| {name} | {keep} | {:.2} ({}/{}) | {:.2} ({}/{}) | {:.1} % ({}) | {:.2} |",
-                t.recall(),
-                t.with_correct,
-                t.images,
-                t.precision(),
-                t.correct,
-                t.emitted,
-                100.0 * t.wrong_caption_share(),
-                t.wrong_captions,
-                t.per_image()
-            );
+            println!("{}", row(&format!("{name} | {keep}"), &t));
         }
     }
     Ok(())
