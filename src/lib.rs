@@ -106,16 +106,18 @@
 //!   over the ImageNet classes), [`vision::labels`] (hand labels and the precision of extracted concepts against
 //!   them), [`vision::cam`] (CAM maths on the host), [`vision::cache`] (the
 //!   bounded on-disk score cache: later epochs skip the scoring model; a wrong hit is impossible by construction,
-//!   since entries are keyed by sample key and decoded pixels inside a namespace of scorer, weights and
-//!   preprocessing).
+//!   since entries are keyed by sample key and decoded pixels inside a namespace of scorer, weights, class head
+//!   and preprocessing).
 //! - [`text`]: OpenAI CLIP's BPE tokenizer on HF `tokenizers` (loaded once per process), the enrich stage
 //!   (mentions through the vocabulary's synonyms, hyponyms and hypernyms, plurals, templates, deterministic
 //!   `mix`, context-overflow policy), [`text::nouns`] (WordNet's noun lemmas → the hierarchy concepts a caption
 //!   already names, with lemmatisation; embedded) and [`text::phrase`] (words, articles, lists, sentence ends). **Invariant:** knows
 //!   no model; the vocabulary is handed to it.
-//! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), a HuggingFace ViT, and a small
-//!   trainable CLIP over kept patches + positions ([`model::clip`], used by `examples/train_clip`); one
-//!   safetensors framing reader ([`model::safetensors`]); MobileNetV2's depthwise and 1×1 layers as host-memory
+//! - [`model`]: burn models: torchvision MobileNetV2 (embedded ImageNet weights), EfficientNet-Lite0/1/2
+//!   ([`model::efficientnet_lite`], the stronger class head of `--classifier`; weights from a file), a
+//!   HuggingFace ViT, and a small trainable CLIP over kept patches + positions ([`model::clip`], used by
+//!   `examples/train_clip`); one safetensors framing reader with the classifiers' strict header check
+//!   ([`model::safetensors`]); MobileNetV2's depthwise and 1×1 layers as host-memory
 //!   kernels for the CPU backend ([`model::depthwise`], [`model::pointwise`]). **Invariant:** weights are validated tensor by tensor
 //!   when loaded; a bad file never loads partially.
 //! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline

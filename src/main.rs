@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use juicer::source::{Shard, ShardWriter, resolve};
-use juicer::vision::ExtractRule;
+use juicer::vision::{ClassifierSpec, ExtractRule};
 use juicer::{DeviceSpec, EpochSize, JuicedBatch, KeepPolicy, OnError, PruneConfig, SampleError, ScorerSpec, Summary};
 
 #[derive(Parser)]
@@ -200,7 +200,13 @@ struct RunArgs {
     /// Weights folder for `--scorer attention` (HuggingFace ViT: model.safetensors + config.json).
     #[arg(long, value_name = "DIR")]
     weights: Option<PathBuf>,
-    /// MobileNetV2 safetensors (torchvision names) instead of the embedded ImageNet weights.
+    /// The classifier that names the classes: mobilenet-v2 (the cam scorer's own forward, embedded weights) or
+    /// efficientnet-lite0/1/2 (stronger, one more forward per image; needs --classifier-weights, made by
+    /// benches/classifiers/lite_weights.py). Saliency stays MobileNetV2's.
+    #[arg(long, value_name = "NAME", default_value = "mobilenet-v2")]
+    classifier: String,
+    /// Weights of --classifier: for mobilenet-v2, a safetensors file with torchvision names instead of the
+    /// embedded ImageNet weights (the cam scorer uses it too); for efficientnet-lite*, the converted file.
     #[arg(long, value_name = "FILE")]
     classifier_weights: Option<PathBuf>,
     /// Fraction of patches to keep (ratio policy).
@@ -222,12 +228,14 @@ struct RunArgs {
     /// --class-threshold ("lizard" for three lizard guesses), or `flat`, the top --top-k classes.
     #[arg(long, value_enum, default_value_t = ExtractArg::Tree)]
     extract: ExtractArg,
-    /// Summed calibrated probability a concept needs (--extract tree).
-    #[arg(long, default_value_t = juicer::vision::extract::DEFAULT_THRESHOLD)]
-    class_threshold: f32,
-    /// Softmax temperature the class probabilities are calibrated with before they are summed (--extract tree).
-    #[arg(long, default_value_t = juicer::vision::extract::DEFAULT_TEMPERATURE)]
-    class_temperature: f32,
+    /// Summed calibrated probability a concept needs (--extract tree; default: the classifier's calibration,
+    /// 0.5 for mobilenet-v2).
+    #[arg(long)]
+    class_threshold: Option<f32>,
+    /// Softmax temperature the class probabilities are calibrated with before they are summed (--extract tree;
+    /// default: the classifier's calibration, 2.5 for mobilenet-v2).
+    #[arg(long)]
+    class_temperature: Option<f32>,
     /// Summed probability a second, unrelated concept needs, with evidence of a second object (--extract tree;
     /// off unless given).
     #[arg(long)]
@@ -381,10 +389,11 @@ fn record_dropped(e: &SampleError) -> serde_json::Value {
     serde_json::json!({ "key": e.key, "dropped": e.reason.as_str(), "detail": e.detail })
 }
 
-fn records(batch: &JuicedBatch) -> impl Iterator<Item = serde_json::Value> + '_ {
-    (0..batch.len()).map(|i| {
+fn records<'a>(batch: &'a JuicedBatch, classifier: &'a str) -> impl Iterator<Item = serde_json::Value> + 'a {
+    (0..batch.len()).map(move |i| {
         serde_json::json!({
             "key": batch.keys[i],
+            "classifier": classifier,
             "grid": [batch.grid.0, batch.grid.1],
             "patch": batch.patch,
             "scores": batch.scores[i],
@@ -453,6 +462,7 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     if let Some(w) = args.world_size {
         builder = builder.world_size(w);
     }
+    let classifier = ClassifierSpec::parse(&args.classifier, args.classifier_weights.as_deref())?;
     builder = builder
         .scorer(ScorerSpec::parse(
             match args.scorer {
@@ -472,13 +482,14 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
             min_keep: args.min_keep,
             max_keep: args.max_keep,
         })
-        .extract(match args.extract {
-            ExtractArg::Tree => ExtractRule::Tree {
-                threshold: args.class_threshold,
-                temperature: args.class_temperature,
-                confident: juicer::vision::extract::DEFAULT_CONFIDENT,
+        .classifier(classifier.clone())
+        .extract(match (args.extract, juicer::vision::extract::calibrated_rule(&classifier)) {
+            (ExtractArg::Tree, ExtractRule::Tree { threshold, temperature, confident }) => ExtractRule::Tree {
+                threshold: args.class_threshold.unwrap_or(threshold),
+                temperature: args.class_temperature.unwrap_or(temperature),
+                confident,
             },
-            ExtractArg::Flat => ExtractRule::Flat,
+            _ => ExtractRule::Flat,
         })
         .micro_batch(args.micro_batch)
         .model_workers(args.model_workers)
@@ -500,7 +511,7 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     if let Some(t) = args.second_threshold {
         builder = builder.second_threshold(t);
     }
-    if let Some(w) = &args.classifier_weights {
+    if let (ClassifierSpec::MobileNetV2, Some(w)) = (&classifier, &args.classifier_weights) {
         builder = builder.classifier_weights(w);
     }
     if let Some(v) = &args.vocabulary {
@@ -566,7 +577,7 @@ fn run(cmd: RunCmd) -> anyhow::Result<()> {
         match item {
             Ok(batch) => {
                 if let Some(w) = out.as_mut() {
-                    for r in records(&batch) {
+                    for r in records(&batch, loader.config().vision.classifier.name()) {
                         write_record(&mut *w, &r)?;
                     }
                 }

@@ -13,7 +13,8 @@
 //!
 //! Below the tiles, dark text on white in the 8×8 bitmap font of `font8x8` (scale 2 when at least 40 glyphs
 //! fit on a row, else 1), word-wrapped to the picture's width: the key; `kept K/N patches (xx %)` with the
-//! grid and the score range; the classes as `name (0.87), …` or `classes: none`; `caption: …`; and
+//! grid and the score range; the classes with the classifier that named them, as
+//! `classes (mobilenet-v2): name (0.87), …` or `classes (mobilenet-v2): none`; `caption: …`; and
 //! `enriched: …` when there is an enriched caption. Characters outside the font's Basic Latin, Latin-1,
 //! Greek, box and block tables are replaced: typographic quotes, dashes and the ellipsis by their ASCII
 //! look-alikes, combining marks are dropped, anything else becomes `?`.
@@ -54,6 +55,8 @@ pub struct Panel<'a> {
     pub kept: &'a [u32],
     /// Extracted classes.
     pub classes: &'a [Class],
+    /// The classifier that named them (`mobilenet-v2`, `efficientnet-lite0`, ...).
+    pub classifier: &'a str,
     /// Original caption.
     pub caption: Option<&'a str>,
     /// Enriched caption, when the text branch produced one.
@@ -309,6 +312,7 @@ impl ShowRun {
                     scores: &s.scores,
                     kept: &s.kept,
                     classes: &s.classes,
+                    classifier: loader.config().vision.classifier.name(),
                     caption: s.caption.as_deref(),
                     enriched: Some(&s.enriched),
                 });
@@ -336,10 +340,10 @@ fn text_lines(panel: &Panel, has_scores: bool) -> Vec<String> {
         kept.push_str(", no scores");
     }
     let classes = if panel.classes.is_empty() {
-        "classes: none".to_string()
+        format!("classes ({}): none", panel.classifier)
     } else {
         let list: Vec<String> = panel.classes.iter().map(|c| format!("{} ({:.2})", c.name, c.prob)).collect();
-        format!("classes: {}", list.join(", "))
+        format!("classes ({}): {}", panel.classifier, list.join(", "))
     };
     let key = if panel.key.is_empty() { "(no key)" } else { panel.key };
     let mut lines = vec![key.to_string(), kept, classes, format!("caption: {}", panel.caption.unwrap_or("none"))];
@@ -623,6 +627,7 @@ mod tests {
             scores,
             kept,
             classes,
+            classifier: "mobilenet-v2",
             caption: Some("A short caption."),
             enriched: None,
         }
@@ -862,6 +867,7 @@ mod tests {
                 scores: &scores,
                 kept: &kept,
                 classes: &classes[..if n == 2 { 0 } else { 1 + n % 2 }],
+                classifier: "mobilenet-v2",
                 caption: captions.get(key.trim_start_matches("gcompris/")).map(String::as_str),
                 enriched,
             };

@@ -72,6 +72,7 @@ fn run_emits_one_record_per_gcompris_pair() {
         let k = key(r);
         assert_eq!(r["grid"], serde_json::json!([14, 14]), "{r}");
         assert_eq!(r["patch"], 16, "{r}");
+        assert_eq!(r["classifier"], "mobilenet-v2", "{r}");
         assert!(r.get("dropped").is_none(), "{r}");
         let caption = pairs.get(&k).unwrap_or_else(|| panic!("key {k} is not a GCompris pair"));
         assert_eq!(r["caption"].as_str(), Some(caption.as_str()), "caption of {k}");

@@ -3,6 +3,7 @@
 mod bench;
 mod cache;
 mod cli;
+mod efficientnet_lite;
 mod fuzz;
 mod inline;
 mod labels;

@@ -95,7 +95,9 @@ pub fn profile(spec: DeviceSpec, micro_batch: usize, rounds: usize, warmup: usiz
     let device = spec.resolve()?;
     let micro_batch = if micro_batch == 0 { auto_micro_batch(&device) } else { micro_batch };
     let classifier = Classifier::load(None, &device)?;
-    let model = classifier.model();
+    let model = classifier
+        .mobilenet()
+        .ok_or_else(|| Error::Config(vec!["--layers profiles MobileNetV2, the cam scorer's model".into()]))?;
     let images = random_images(micro_batch);
     let slices: Vec<&[f32]> = images.iter().map(Vec::as_slice).collect();
     let sync = |device: &Device| {

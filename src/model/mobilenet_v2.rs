@@ -286,7 +286,7 @@ fn conv_bn(cin: usize, cout: usize, kernel: usize, stride: usize, groups: usize,
 }
 
 /// A conv then its BatchNorm; just the conv once the BatchNorm is folded into it (it then has a bias).
-fn conv_then_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
+pub(super) fn conv_then_bn(conv: &Conv2d, bn: &BatchNorm, x: Tensor<4>) -> Tensor<4> {
     let y = conv.forward(x);
     if conv.bias.is_some() { y } else { bn.forward(y) }
 }
@@ -299,7 +299,7 @@ fn conv_bn_relu6(layer: &ConvBn, x: Tensor<4>) -> Tensor<4> {
 /// ReLU6 as `min(max(x, 0), 6)` in two passes: the same values as burn's `relu6` (one `clamp`), NaN included, but
 /// both passes vectorise on the CPU backend, where its `clamp` runs a scalar loop (13× slower per element,
 /// measured: a quarter of the whole forward).
-fn relu6(x: Tensor<4>) -> Tensor<4> {
+pub(super) fn relu6(x: Tensor<4>) -> Tensor<4> {
     relu(x).clamp_max(6.0)
 }
 
@@ -333,7 +333,7 @@ fn host_conv(conv: &Conv2d, kernel: usize, relu6: bool) -> Option<HostPointwise>
 }
 
 /// Folds `bn` into `conv` (module docs): the returned conv alone computes `bn(conv(x))`.
-fn fold(conv: &mut Conv2d, bn: &BatchNorm) {
+pub(super) fn fold(conv: &mut Conv2d, bn: &BatchNorm) {
     if conv.bias.is_some() {
         return; // folded already
     }
@@ -645,7 +645,7 @@ fn load_named(bytes: Vec<u8>, file: &str, device: &Device) -> Result<MobileNetV2
         .into_iter()
         .map(|t| (t.name, t.shape.to_vec()))
         .collect();
-    check_header(&bytes, &expected).map_err(err)?;
+    safetensors::check_f32_header(&bytes, &expected, "MobileNetV2").map_err(err)?;
 
     let mut store = SafetensorsStore::from_bytes(Some(bytes))
         .with_from_adapter(PyTorchToBurnAdapter)
@@ -664,79 +664,4 @@ fn load_named(bytes: Vec<u8>, file: &str, device: &Device) -> Result<MobileNetV2
         return Err(err(format!("unexpected tensor `{name}` (not used by MobileNetV2)")));
     }
     Ok(model.valid())
-}
-
-/// At most this many problems are listed in one error.
-const MAX_PROBLEMS: usize = 12;
-
-/// Checks a safetensors container's header (8-byte little-endian length, then JSON) against the expected tensor
-/// names and shapes: every tensor present once, no other, shapes equal, dtype `F32`, byte ranges consistent with the
-/// shapes, contiguous and inside the file. Returns a description of every problem found.
-fn check_header(bytes: &[u8], expected: &BTreeMap<String, Vec<usize>>) -> std::result::Result<(), String> {
-    let safetensors::Container { header: entries, data, .. } = safetensors::split(bytes)?;
-    let data_len = data.len();
-
-    let mut problems = Vec::new();
-    let mut ranges = Vec::new();
-    for name in expected.keys().filter(|name| !entries.contains_key(*name)) {
-        problems.push(format!("missing tensor `{name}` (expected shape {:?})", expected[name]));
-    }
-    for (name, entry) in entries.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
-        let (dtype, shape, begin, end) = match safetensors::TensorInfo::parse(entry) {
-            Ok(t) => (t.dtype, t.shape, t.begin, t.end),
-            Err(e) => {
-                problems.push(format!("tensor `{name}`: corrupt header entry {entry} ({e})"));
-                continue;
-            }
-        };
-        match expected.get(name) {
-            None => problems.push(format!("unexpected tensor `{name}` ({dtype} {shape:?}): not used by MobileNetV2")),
-            Some(want) if *want != shape => {
-                problems.push(format!("tensor `{name}` has shape {shape:?}, expected {want:?}"))
-            }
-            Some(_) => {}
-        }
-        if dtype != "F32" {
-            problems.push(format!("tensor `{name}` has dtype {dtype}, expected F32"));
-        }
-        if end < begin || end > data_len {
-            problems.push(format!(
-                "tensor `{name}` spans bytes {begin}..{end} but the data section has {data_len} bytes: the file is \
-                 truncated or corrupt"
-            ));
-        } else if dtype == "F32" && shape.iter().product::<usize>().checked_mul(4) != Some(end - begin) {
-            problems.push(format!(
-                "tensor `{name}` has {} bytes of data, but F32 {shape:?} needs {}: corrupt header",
-                end - begin,
-                shape.iter().product::<usize>() * 4
-            ));
-        }
-        ranges.push((begin, end, name.as_str()));
-    }
-    if problems.is_empty() {
-        ranges.sort_unstable();
-        let mut pos = 0;
-        for (begin, end, name) in ranges {
-            if begin != pos {
-                problems.push(format!(
-                    "tensor `{name}` starts at byte {begin} of the data section, expected {pos}: corrupt header \
-                     (overlapping or gapped data)"
-                ));
-            }
-            pos = end;
-        }
-        if problems.is_empty() && pos != data_len {
-            problems.push(format!("{} unexplained trailing bytes after the last tensor", data_len - pos));
-        }
-    }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let more = problems.len().saturating_sub(MAX_PROBLEMS);
-    problems.truncate(MAX_PROBLEMS);
-    let mut detail = problems.join("; ");
-    if more > 0 {
-        detail.push_str(&format!("; ... and {more} more problems"));
-    }
-    Err(detail)
 }

@@ -3,8 +3,11 @@
 //! is described the same way whichever model it was meant for.
 //!
 //! [`split`] checks the framing (length prefix inside the file, header a JSON object) and [`TensorInfo::parse`]
-//! one header entry (dtype, shape, data offsets, no overflow). What the tensors must be (names, shapes, dtypes,
-//! contiguity) is each model's own check, made with these pieces.
+//! one header entry (dtype, shape, data offsets, no overflow). [`check_f32_header`] is the strict check the
+//! ImageNet classifiers share: exactly the tensors the model expects (names, shapes), `F32`, contiguous; the
+//! ViT checks its own (its dtypes and optional tensors differ), with the same pieces.
+
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
@@ -86,6 +89,85 @@ pub fn dtype_size(dtype: &str) -> Option<usize> {
         "U64" | "I64" | "F64" => 8,
         _ => return None,
     })
+}
+
+/// At most this many problems are listed in one error.
+const MAX_PROBLEMS: usize = 12;
+
+/// Checks a safetensors container of `model`'s weights's header (8-byte little-endian length, then JSON) against the expected tensor
+/// names and shapes: every tensor present once, no other, shapes equal, dtype `F32`, byte ranges consistent with the
+/// shapes, contiguous and inside the file. Returns a description of every problem found.
+pub fn check_f32_header(
+    bytes: &[u8],
+    expected: &BTreeMap<String, Vec<usize>>,
+    model: &str,
+) -> std::result::Result<(), String> {
+    let Container { header: entries, data, .. } = split(bytes)?;
+    let data_len = data.len();
+
+    let mut problems = Vec::new();
+    let mut ranges = Vec::new();
+    for name in expected.keys().filter(|name| !entries.contains_key(*name)) {
+        problems.push(format!("missing tensor `{name}` (expected shape {:?})", expected[name]));
+    }
+    for (name, entry) in entries.iter().filter(|(name, _)| name.as_str() != "__metadata__") {
+        let (dtype, shape, begin, end) = match TensorInfo::parse(entry) {
+            Ok(t) => (t.dtype, t.shape, t.begin, t.end),
+            Err(e) => {
+                problems.push(format!("tensor `{name}`: corrupt header entry {entry} ({e})"));
+                continue;
+            }
+        };
+        match expected.get(name) {
+            None => problems.push(format!("unexpected tensor `{name}` ({dtype} {shape:?}): not used by {model}")),
+            Some(want) if *want != shape => {
+                problems.push(format!("tensor `{name}` has shape {shape:?}, expected {want:?}"))
+            }
+            Some(_) => {}
+        }
+        if dtype != "F32" {
+            problems.push(format!("tensor `{name}` has dtype {dtype}, expected F32"));
+        }
+        if end < begin || end > data_len {
+            problems.push(format!(
+                "tensor `{name}` spans bytes {begin}..{end} but the data section has {data_len} bytes: the file is \
+                 truncated or corrupt"
+            ));
+        } else if dtype == "F32" && shape.iter().product::<usize>().checked_mul(4) != Some(end - begin) {
+            problems.push(format!(
+                "tensor `{name}` has {} bytes of data, but F32 {shape:?} needs {}: corrupt header",
+                end - begin,
+                shape.iter().product::<usize>() * 4
+            ));
+        }
+        ranges.push((begin, end, name.as_str()));
+    }
+    if problems.is_empty() {
+        ranges.sort_unstable();
+        let mut pos = 0;
+        for (begin, end, name) in ranges {
+            if begin != pos {
+                problems.push(format!(
+                    "tensor `{name}` starts at byte {begin} of the data section, expected {pos}: corrupt header \
+                     (overlapping or gapped data)"
+                ));
+            }
+            pos = end;
+        }
+        if problems.is_empty() && pos != data_len {
+            problems.push(format!("{} unexplained trailing bytes after the last tensor", data_len - pos));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let more = problems.len().saturating_sub(MAX_PROBLEMS);
+    problems.truncate(MAX_PROBLEMS);
+    let mut detail = problems.join("; ");
+    if more > 0 {
+        detail.push_str(&format!("; ... and {more} more problems"));
+    }
+    Err(detail)
 }
 
 #[cfg(test)]

@@ -185,6 +185,20 @@ impl JuicerBuilder {
         self
     }
 
+    /// The classifier that names the classes ([`crate::vision::ClassifierSpec`]; default MobileNetV2, the cam
+    /// scorer's own forward). An EfficientNet-Lite runs in the extract stage on each full image; the cam scorer
+    /// keeps the embedded MobileNetV2 (or [`classifier_weights`](Self::classifier_weights)).
+    ///
+    /// Unless the extract rule was changed before this call, it becomes the tree rule calibrated for `spec`
+    /// ([`crate::vision::extract::calibrated_rule`]); `extract` or `class_threshold` after this call override it.
+    pub fn classifier(mut self, spec: crate::vision::ClassifierSpec) -> Self {
+        if self.config.vision.extract == ExtractRule::default() {
+            self.config.vision.extract = crate::vision::extract::calibrated_rule(&spec);
+        }
+        self.config.vision.classifier = spec;
+        self
+    }
+
     /// A JSON vocabulary `{"<class id or wnid>": "<name>" | ["<name>", ...]}` restricting and renaming the
     /// extracted concepts (see [`crate::vision::vocabulary`]).
     pub fn vocabulary(mut self, path: impl Into<std::path::PathBuf>) -> Self {

@@ -210,7 +210,7 @@ impl<O: Send + 'static> Juicer<O> {
         });
         Ok(JuicerIter {
             run,
-            forwards: s.models.classifier.forwards(),
+            forwards: s.models.cam.forwards(),
             io: s.config.read.stats.clone(),
             score_cache: s.models.score_cache.clone(),
             state: first_state,

@@ -13,11 +13,14 @@ use crate::text::enrich::Enricher;
 use crate::text::tokenizer::ClipTokenizer;
 use crate::vision::cache::{ScoreCache, fingerprint};
 use crate::vision::prune::KeepPolicy;
-use crate::vision::{Classifier, ScorerSpec, Vocabulary};
+use crate::vision::{Classifier, ClassifierSpec, ScorerSpec, Vocabulary};
 
 /// Models loaded (and checked) at build time, cloned into each epoch's model threads.
 #[derive(Clone)]
 pub(crate) struct Models {
+    /// MobileNetV2: the cam scorer's model, and the class head unless another is configured.
+    pub(super) cam: Classifier,
+    /// The class head (`--classifier`); a clone of `cam` for MobileNetV2.
     pub(super) classifier: Classifier,
     pub(super) tokenizer: &'static ClipTokenizer,
     pub(super) enricher: Enricher,
@@ -40,8 +43,13 @@ impl Models {
     /// preprocessing (ViT mean/std and input size, patch size).
     pub(crate) fn load(config: &mut Config, device: &Device) -> Result<Self> {
         let v = &config.vision;
-        let classifier =
-            Classifier::load(v.classifier_weights.as_deref(), device)?.with_intra_op_threads(v.intra_op_threads);
+        let cam = Classifier::load(v.classifier_weights.as_deref(), device)?.with_intra_op_threads(v.intra_op_threads);
+        let classifier = match &v.classifier {
+            ClassifierSpec::MobileNetV2 => cam.clone(),
+            spec => Classifier::load_spec(spec, None, device)?
+                .with_intra_op_threads(v.intra_op_threads)
+                .sharing_forwards_of(&cam),
+        };
         let mut vocabulary = Vocabulary::imagenet()?;
         if let Some(path) = &v.vocabulary {
             vocabulary = vocabulary.restrict_with(path)?;
@@ -72,7 +80,7 @@ impl Models {
             }
             _ => None,
         };
-        Ok(Self { classifier, tokenizer, enricher, vit, vocabulary, input_norm, score_cache })
+        Ok(Self { cam, classifier, tokenizer, enricher, vit, vocabulary, input_norm, score_cache })
     }
 }
 
@@ -91,10 +99,17 @@ fn cache_namespace(config: &Config) -> Result<String> {
             None => fingerprint(crate::model::mobilenet_v2::embedded_weights()),
         },
     };
+    // The class head is part of the key too: a cached entry records which classifier's classes it carries.
+    let classifier = match &v.classifier {
+        ClassifierSpec::MobileNetV2 => ClassifierSpec::MobileNetV2.name().to_string(),
+        spec @ ClassifierSpec::EfficientNetLite(_, path) => {
+            format!("{}:{:016x}", spec.name(), fingerprint(&read(path)?))
+        }
+    };
     let d = &config.decode;
     Ok(format!(
-        "juicer score cache v2; scorer={}; weights={weights:016x}; image_size={}; resize_size={:?}; mean={:?}; \
-         std={:?}; patch={}; cam_top={}; candidates={}; score_size={:?}",
+        "juicer score cache v3; scorer={}; weights={weights:016x}; classifier={classifier}; image_size={}; \
+         resize_size={:?}; mean={:?}; std={:?}; patch={}; cam_top={}; candidates={}; score_size={:?}",
         v.scorer.name(),
         d.image_size,
         d.resize_size,
@@ -105,4 +120,32 @@ fn cache_namespace(config: &Config) -> Result<String> {
         v.extract.candidates(v.top_k),
         v.score_size
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::efficientnet_lite::LiteVariant;
+
+    /// The score cache's key names the class head and fingerprints its weights: another classifier, or other
+    /// weights for it, never reads a cached entry.
+    #[test]
+    fn cache_namespace_includes_the_classifier_and_its_weights() {
+        let mut config = Config::default();
+        let mobilenet = cache_namespace(&config).unwrap();
+        assert!(mobilenet.contains("classifier=mobilenet-v2;"), "{mobilenet}");
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+        std::fs::write(&a, b"weights a").unwrap();
+        std::fs::write(&b, b"weights b").unwrap();
+        config.vision.classifier = ClassifierSpec::EfficientNetLite(LiteVariant::Lite0, a);
+        let lite_a = cache_namespace(&config).unwrap();
+        config.vision.classifier = ClassifierSpec::EfficientNetLite(LiteVariant::Lite0, b);
+        let lite_b = cache_namespace(&config).unwrap();
+        assert!(lite_a.contains("classifier=efficientnet-lite0:"), "{lite_a}");
+        assert_ne!(lite_a, lite_b);
+        assert_ne!(lite_a, mobilenet);
+        config.vision.classifier = ClassifierSpec::EfficientNetLite(LiteVariant::Lite0, dir.path().join("missing"));
+        assert!(cache_namespace(&config).unwrap_err().to_string().contains("missing"));
+    }
 }

@@ -36,7 +36,9 @@ use crate::source::Shard;
 use crate::stage::{BatchStage, Stage};
 use crate::text::EnrichStage;
 use crate::vision::cache::{Cached, ScoreCache};
-use crate::vision::{AttentionScorer, CamScorer, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig};
+use crate::vision::{
+    AttentionScorer, CamScorer, ClassifierSpec, Extract, PlainScorer, PruneStage, ScorerSpec, VisionConfig,
+};
 
 /// An edge carrying items of type `T` with their checkpoint trace.
 type Edge<T> = Inlet<Envelope<T, Trace>>;
@@ -159,11 +161,13 @@ fn stages(
     graph.map(juiced, Arc::new(enrich_stage(m, epoch)), workers)
 }
 
-/// The extract stage; it runs the classifier itself unless the scorer did (cam).
+/// The extract stage; it runs the classifier itself unless the scorer did (cam with the MobileNetV2 class head).
 fn extract_stage(cfg: &Config, m: &Models) -> Extract {
     let v = &cfg.vision;
+    let own_head = v.classifier != ClassifierSpec::MobileNetV2;
     Extract {
-        classifier: (v.scorer != ScorerSpec::Cam).then(|| m.classifier.clone()),
+        classifier: (v.scorer != ScorerSpec::Cam || own_head).then(|| m.classifier.clone()),
+        reclassify: own_head,
         rule: v.extract,
         top_k: v.top_k,
         min_prob: v.min_prob,
@@ -182,7 +186,7 @@ fn cam_scorer(cfg: &Config, m: &Models) -> CamScorer {
     let v = &cfg.vision;
     let top_k = v.extract.candidates(v.top_k);
     let score_size = v.score_size.unwrap_or(cfg.decode.image_size);
-    CamScorer { classifier: m.classifier.clone(), patch: cfg.patch_size, cam_top: v.cam_top, top_k, score_size }
+    CamScorer { classifier: m.cam.clone(), patch: cfg.patch_size, cam_top: v.cam_top, top_k, score_size }
 }
 
 fn attention_scorer(m: &Models, v: &VisionConfig, device: &Device) -> Result<AttentionScorer> {

@@ -3,8 +3,9 @@
 //! # What is cached, under which key
 //! One entry per sample: the raw patch scores and, for the `cam` scorer, every class's probability and the
 //! top class candidates with their maps (what `extract` needs). Entries live under a *namespace* directory named by a hash of everything that
-//! changes the scorer's output: scorer kind, a fingerprint of the weight bytes, model input size, resize size,
-//! normalisation, patch size, `cam_top`, `top_k`. Inside it, an entry is found by the sample key **and** a hash
+//! changes the scorer's output: scorer kind, a fingerprint of the weight bytes, the class head (`--classifier`,
+//! with a fingerprint of its weights), model input size, resize size, normalisation, patch size, `cam_top`,
+//! `top_k`. Inside it, an entry is found by the sample key **and** a hash
 //! of the decoded pixels, so a key that names other pixels (another dataset with the same key scheme, a changed
 //! image) is a miss, never a wrong hit.
 //!

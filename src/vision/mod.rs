@@ -2,7 +2,8 @@
 //!
 //! One file per stage, each with its configuration beside its runtime:
 //! - [`score`]: the `score` stage ([`ScorerSpec`]; `cam`, `attention`, `random`, `none` scorers) and the
-//!   [`Classifier`] whose forward feeds both saliency and classes;
+//!   [`Classifier`] ([`ClassifierSpec`]: MobileNetV2, whose forward feeds both saliency and classes, or an
+//!   EfficientNet-Lite as a stronger class head);
 //! - [`prune`]: the keep policies ([`prune::PruneConfig`]) and the `prune` stage;
 //! - [`extract`]: the extract rules ([`ExtractRule`]: the tree rule [`select_concepts`], the flat rule
 //!   [`select_classes`]) and the `extract` stage ([`Extract`]);
@@ -29,7 +30,7 @@ pub use crate::sample::{Candidate, Pruned, Scored};
 pub use extract::{Extract, ExtractRule, select_classes, select_concepts};
 use prune::PruneConfig;
 pub use prune::PruneStage;
-pub use score::{AttentionScorer, CamScorer, Classifier, PlainScorer, ScorerSpec};
+pub use score::{AttentionScorer, CamScorer, Classifier, ClassifierSpec, PlainScorer, ScorerSpec};
 pub use vocabulary::Vocabulary;
 
 /// Settings of the vision branch.
@@ -39,6 +40,8 @@ pub struct VisionConfig {
     pub scorer: ScorerSpec,
     /// MobileNetV2 safetensors for the cam scorer and the classifier (`None`: the embedded weights).
     pub classifier_weights: Option<PathBuf>,
+    /// The classifier that names the classes (default MobileNetV2, the scorer's own forward).
+    pub classifier: ClassifierSpec,
     /// Keep policy.
     pub prune: PruneConfig,
     /// How concepts are chosen (default: the tree rule at summed probability 0.7).
@@ -100,6 +103,7 @@ impl Default for VisionConfig {
         Self {
             scorer: ScorerSpec::Cam,
             classifier_weights: None,
+            classifier: ClassifierSpec::MobileNetV2,
             prune: PruneConfig::default(),
             extract: ExtractRule::default(),
             top_k: 3,

