@@ -6,7 +6,12 @@
 //!
 //! ```text
 //! cargo run --release --example extract_eval -- [--temperatures 1,2.5] [--thresholds 0.5,0.7] [--second T] [--wrong]
+//!     [--source SPEC --labels FILE[,FILE]] [--classifier NAME --classifier-weights FILE]
 //! ```
+//!
+//! `--source` and `--labels` run the pipeline over other labelled photos (a folder with captions.jsonl works:
+//! `fixtures/heldout` needs one listing its photos); when the labels carry a `split`, only the `test` photos are
+//! tallied. `--classifier` picks the class head; the temperature and threshold default to its calibration.
 //!
 //! With `--logits FILE.jsonl --labels FILE.json`, it compares classifiers instead: `FILE.jsonl` holds ImageNet
 //! logits per image, model and view (`benches/classifiers/logits.py` writes it), and each (model, view) runs
@@ -14,21 +19,33 @@
 //! carry a `split` per photo (`calibration` / `test`), the temperature and threshold are **fitted on the
 //! calibration half** (the highest recall with precision ≥ 0.90 and at most 5 % wrong captions there; ties: the
 //! fewest wrong captions, then the higher threshold) and the table reports the **test half** only, beside the
-//! crate's defaults on the same half. `--view image,crop` also scores the rule on the mean of the two views'
-//! probabilities (`image+crop`).
+//! crate's defaults on the same half. `--labels` takes several files, comma-separated: the photos of a file
+//! without `split` join the calibration half (`fixtures/heldout/labels.json,fixtures/labels/gcompris.json`). `--view image,crop` also scores the rule on the mean of the two views'
+//! probabilities (`image+crop`); `--ensemble a+b` the mean of two (or more) models' probabilities; `--list`
+//! prints what the rule names for every photo.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use juicer::vision::extract::{TreeSettings, select_concepts};
+use juicer::vision::extract::{TreeSettings, calibrated_rule, select_concepts};
 use juicer::vision::labels::{Labels, Tally};
-use juicer::vision::{Candidate, ExtractRule, Vocabulary};
+use juicer::vision::{Candidate, ClassifierSpec, ExtractRule, Vocabulary};
 use juicer::{DeviceSpec, JuicedBatch};
 
 const SHARDS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/shards/gcompris-{000000..000002}.tar");
 const LABELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/labels/gcompris.json");
 
-fn run(labels: &Labels, rule: ExtractRule, keep: f32, second: Option<f32>, wrong: bool) -> juicer::Result<Tally> {
-    let mut builder = JuicedBatch::builder([SHARDS]);
+/// What the pipeline mode runs: which photos, which classifier, which of them count.
+struct Setup {
+    source: String,
+    labels: Labels,
+    classifier: ClassifierSpec,
+    /// The test half when the labels have one (only those photos are tallied).
+    only: Option<BTreeSet<String>>,
+}
+
+fn run(setup: &Setup, rule: ExtractRule, keep: f32, second: Option<f32>, wrong: bool) -> juicer::Result<Tally> {
+    let labels = &setup.labels;
+    let mut builder = JuicedBatch::builder([setup.source.as_str()]).classifier(setup.classifier.clone());
     if let Some(t) = second {
         builder = builder.second_threshold(t);
     }
@@ -37,7 +54,7 @@ fn run(labels: &Labels, rule: ExtractRule, keep: f32, second: Option<f32>, wrong
     let mut tally = Tally::default();
     for batch in loader.iter()? {
         let b = batch?;
-        for i in 0..b.len() {
+        for i in (0..b.len()).filter(|&i| setup.only.as_ref().is_none_or(|o| o.contains(&b.keys[i]))) {
             tally.add(labels, &b.keys[i], &b.classes[i], &b.added[i]);
             if wrong {
                 for c in b.classes[i].iter().filter(|c| labels.correct(&b.keys[i], c) == Some(false)) {
@@ -79,6 +96,8 @@ fn read_logits(path: &str) -> juicer::Result<Probs> {
 /// The tree rule at keep 1.0 over precomputed probabilities (every patch kept, so only the probabilities count).
 fn tally_probs(labels: &Labels, probs: &BTreeMap<String, Vec<f32>>, keys: &[String], t: f32, th: f32) -> Tally {
     let wrong = std::env::args().any(|a| a == "--wrong");
+    let list = std::env::args().any(|a| a == "--list");
+    let classes_txt = |i: usize| juicer::model::mobilenet_v2::imagenet_classes().get(i).copied().unwrap_or("?");
     let vocabulary = Vocabulary::imagenet().expect("embedded vocabulary");
     let settings = TreeSettings {
         threshold: th,
@@ -96,6 +115,19 @@ fn tally_probs(labels: &Labels, probs: &BTreeMap<String, Vec<f32>>, keys: &[Stri
         let candidates: Vec<Candidate> =
             order[..10].iter().map(|&id| Candidate { id, prob: p[id as usize], map: vec![1.0; 49] }).collect();
         let classes = select_concepts(p, &candidates, &all, 49, settings, &vocabulary);
+        if list {
+            let named: Vec<String> = classes
+                .iter()
+                .map(|c| format!("{}{}", c.name, if labels.correct(key, c) == Some(false) { " (WRONG)" } else { "" }))
+                .collect();
+            let top = order[0] as usize;
+            println!(
+                "  {key:<28} t = {t}, T = {th}: [{}]  top-1 {} ({:.2})",
+                named.join(", "),
+                classes_txt(top),
+                p[top]
+            );
+        }
         if wrong {
             for c in classes.iter().filter(|c| labels.correct(key, c) == Some(false)) {
                 println!("  wrong (t = {t}, T = {th}): {key:<28} {} ({:.2})", c.name, c.prob);
@@ -121,17 +153,23 @@ fn row(name: &str, t: &Tally) -> String {
     )
 }
 
+/// `--labels a.json,b.json`: every file's labels, merged.
+fn read_labels(paths: &str) -> juicer::Result<Labels> {
+    let mut files = paths.split(',').map(|p| Labels::read(std::path::Path::new(p)));
+    let first = files.next().ok_or_else(|| juicer::Error::Config(vec!["--labels needs a file".into()]))??;
+    files.try_fold(first, |all, next| all.merge(next?))
+}
+
 /// `--logits` mode (module docs).
 fn compare(args: &[String], logits: &str) -> juicer::Result<()> {
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
     let labels_path = value("--labels").unwrap_or_else(|| LABELS.to_string());
-    let labels = Labels::read(std::path::Path::new(&labels_path))?;
-    let text = std::fs::read_to_string(&labels_path).map_err(|e| juicer::Error::io("reading labels", e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| juicer::Error::Json { context: labels_path.clone(), source: e })?;
+    let labels = read_labels(&labels_path)?;
+    let has_split = labels.keys().any(|k| labels.split(k).is_some());
     let mut halves: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, entry) in json["labels"].as_object().into_iter().flatten() {
-        halves.entry(entry["split"].as_str().unwrap_or("all").to_string()).or_default().push(key.clone());
+    for key in labels.keys() {
+        let half = labels.split(key).unwrap_or(if has_split { "calibration" } else { "all" });
+        halves.entry(half.to_string()).or_default().push(key.to_string());
     }
     let (fit, test) = match (halves.get("calibration"), halves.get("test")) {
         (Some(c), Some(t)) => (c.clone(), t.clone()),
@@ -157,6 +195,30 @@ fn compare(args: &[String], logits: &str) -> juicer::Result<()> {
                 })
                 .collect();
             probs.insert((model, "image+crop".into()), mean);
+        }
+    }
+    // `--ensemble a+b,...`: the mean of the named models' probabilities per view, as one more classifier.
+    for combo in value("--ensemble").unwrap_or_default().split(',').filter(|c| !c.is_empty()) {
+        let members: Vec<&str> = combo.split('+').collect();
+        let views: Vec<String> = probs.keys().filter(|(m, _)| m == members[0]).map(|(_, v)| v.clone()).collect();
+        for view in views {
+            let parts: Option<Vec<&BTreeMap<String, Vec<f32>>>> =
+                members.iter().map(|m| probs.get(&((*m).to_string(), view.clone()))).collect();
+            let Some(parts) = parts else { continue };
+            let mean: BTreeMap<String, Vec<f32>> = parts[0]
+                .keys()
+                .filter(|k| parts.iter().all(|p| p.contains_key(*k)))
+                .map(|k| {
+                    let mut m = vec![0f32; 1000];
+                    for p in &parts {
+                        for (a, b) in m.iter_mut().zip(&p[k]) {
+                            *a += b / parts.len() as f32;
+                        }
+                    }
+                    (k.clone(), m)
+                })
+                .collect();
+            probs.insert((combo.to_string(), view), mean);
         }
     }
     println!("Fitted on {} calibration photos, reported on {} test photos ({labels_path}).\n", fit.len(), test.len());
@@ -219,10 +281,23 @@ fn main() -> juicer::Result<()> {
             None => vec![default],
         }
     };
-    let second = args.iter().position(|a| a == "--second").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok());
-    let thresholds = list("--thresholds", juicer::vision::extract::DEFAULT_THRESHOLD);
-    let temperatures = list("--temperatures", juicer::vision::extract::DEFAULT_TEMPERATURE);
-    let labels = Labels::read(std::path::Path::new(LABELS))?;
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let second = value("--second").and_then(|s| s.parse().ok());
+    let weights = value("--classifier-weights").map(std::path::PathBuf::from);
+    let classifier =
+        ClassifierSpec::parse(&value("--classifier").unwrap_or_else(|| "mobilenet-v2".into()), weights.as_deref())?;
+    let ExtractRule::Tree { threshold, temperature, .. } = calibrated_rule(&classifier) else {
+        return Err(juicer::Error::Config(vec!["the calibrated rule is the tree rule".into()]));
+    };
+    let thresholds = list("--thresholds", threshold);
+    let temperatures = list("--temperatures", temperature);
+    let labels = read_labels(&value("--labels").unwrap_or_else(|| LABELS.to_string()))?;
+    let has_test = labels.keys().any(|k| labels.split(k) == Some("test"));
+    let only = has_test.then(|| labels.keys().filter(|k| labels.split(k) == Some("test")).map(String::from).collect());
+    let setup = Setup { source: value("--source").unwrap_or_else(|| SHARDS.to_string()), labels, classifier, only };
+    if let Some(only) = &setup.only {
+        println!("{} ({}): the {} test photos of the labels\n", setup.source, setup.classifier.name(), only.len());
+    }
     let mut rules = vec![("flat (top-3, p ≥ 0.15)".to_string(), ExtractRule::Flat)];
     for &temperature in &temperatures {
         for &threshold in &thresholds {
@@ -236,7 +311,7 @@ fn main() -> juicer::Result<()> {
     println!("|---|---|---|---|---|---|");
     for (name, rule) in &rules {
         for keep in [1.0, 0.5] {
-            let t = run(&labels, *rule, keep, second, wrong)?;
+            let t = run(&setup, *rule, keep, second, wrong)?;
             println!("{}", row(&format!("{name} | {keep}"), &t));
         }
     }

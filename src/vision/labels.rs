@@ -1,7 +1,8 @@
 //! Hand labels of what photos show, and the precision of the concepts juicer emits measured against them.
 //!
 //! A labels file (`juicer-labels/1`, e.g. `fixtures/labels/gcompris.json`) lists per sample key the most specific
-//! WordNet concepts the photo really shows (`accept`). An emitted concept is **correct** when it is one of them or
+//! WordNet concepts the photo really shows (`accept`), and optionally the half of an evaluation it belongs to
+//! (`split`: `calibration` or `test`, as in `fixtures/heldout/labels.json`). An emitted concept is **correct** when it is one of them or
 //! an ancestor of one in the [`Hierarchy`] ("lizard" is correct for a photo labelled "agamid"); anything else,
 //! including a more specific concept than the label vouches for, is wrong.
 //!
@@ -30,6 +31,8 @@ struct File {
 #[derive(Deserialize)]
 struct Entry {
     accept: Vec<Accept>,
+    #[serde(default)]
+    split: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -41,6 +44,7 @@ struct Accept {
 #[derive(Debug, Clone)]
 pub struct Labels {
     accept: BTreeMap<String, Vec<ConceptId>>,
+    split: BTreeMap<String, String>,
     hierarchy: &'static Hierarchy,
 }
 
@@ -57,7 +61,11 @@ impl Labels {
             problems.push(format!("labels {}: format `{}`, expected `{FORMAT}`", path.display(), file.format));
         }
         let mut accept = BTreeMap::new();
+        let mut split = BTreeMap::new();
         for (key, entry) in file.labels {
+            if let Some(s) = entry.split {
+                split.insert(key.clone(), s);
+            }
             let mut ids = Vec::new();
             for a in entry.accept {
                 match hierarchy.by_wnid(&a.wnid) {
@@ -72,7 +80,28 @@ impl Labels {
         if !problems.is_empty() {
             return Err(Error::Config(problems));
         }
-        Ok(Self { accept, hierarchy })
+        Ok(Self { accept, split, hierarchy })
+    }
+
+    /// Adds `other`'s labels; a key labelled in both is an error naming it.
+    pub fn merge(mut self, other: Labels) -> Result<Self> {
+        let twice: Vec<String> = other.accept.keys().filter(|k| self.accept.contains_key(*k)).cloned().collect();
+        if !twice.is_empty() {
+            return Err(Error::Config(vec![format!("labels given twice for {}", twice.join(", "))]));
+        }
+        self.accept.extend(other.accept);
+        self.split.extend(other.split);
+        Ok(self)
+    }
+
+    /// Every labelled key, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.accept.keys().map(String::as_str)
+    }
+
+    /// The key's `split` (`calibration`, `test`), when its file gives one.
+    pub fn split(&self, key: &str) -> Option<&str> {
+        self.split.get(key).map(String::as_str)
     }
 
     /// Number of labelled samples.
