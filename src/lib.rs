@@ -118,7 +118,8 @@
 //!   HuggingFace ViT, and a small trainable CLIP over kept patches + positions ([`model::clip`], used by
 //!   `examples/train_clip`); one safetensors framing reader with the classifiers' strict header check
 //!   ([`model::safetensors`]); MobileNetV2's depthwise and 1×1 layers as host-memory
-//!   kernels for the CPU backend ([`model::depthwise`], [`model::pointwise`]). **Invariant:** weights are validated tensor by tensor
+//!   kernels for the CPU backend ([`model::depthwise`], [`model::pointwise`]), EfficientNet-Lite's k×k depthwise
+//!   layers likewise ([`model::depthwise_same`]). **Invariant:** weights are validated tensor by tensor
 //!   when loaded; a bad file never loads partially.
 //! - [`bench`](mod@bench): the throughput harness of `juicer bench`: a warm-up and a measured window per pipeline
 //!   (one per device), per-stage busy/blocked/starved shares from the graph's counters and the bottleneck,

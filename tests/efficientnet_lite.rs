@@ -89,7 +89,8 @@ fn logits(model: &efficientnet_lite::EfficientNetLite, variant: LiteVariant, pho
     logits.into_data().try_to_vec::<f32>().unwrap()
 }
 
-/// Every variant, unfolded and folded, against the PyTorch port: logits within 1e-4, the same top-5.
+/// Every variant, unfolded (burn's layers) and folded (on the CPU: the host kernels), against the PyTorch port:
+/// logits within 1e-4, the same top-5.
 #[test]
 fn lite_reference_parity() {
     let device = Device::flex();
@@ -97,6 +98,7 @@ fn lite_reference_parity() {
         let Some(path) = weights("lite_reference_parity", variant) else { return };
         let model = efficientnet_lite::load(&path, variant, &device).unwrap();
         let folded = efficientnet_lite::load(&path, variant, &device).unwrap().fold_batch_norms();
+        assert!(model.host.is_none() && folded.host.is_some(), "folded on the CPU: the host kernels run");
         for photo in PHOTOS {
             let want = reference_logits(photo, variant);
             for (label, m) in [("unfolded", &model), ("folded", &folded)] {
@@ -144,7 +146,7 @@ fn run_with_a_lite_classifier_records_it() {
     let out =
         crate::util::juicer(&["run", "fixtures/shards/gcompris-000000.tar", "--classifier", "efficientnet-lite0"]);
     assert!(!out.status.success());
-    assert!(crate::util::stderr(&out).contains("needs --classifier-weights"), "{}", crate::util::stderr(&out));
+    assert!(crate::util::stderr(&out).contains("needs its weights file"), "{}", crate::util::stderr(&out));
     let Some(path) = weights("run_with_a_lite_classifier_records_it", LiteVariant::Lite0) else { return };
     let path = path.to_str().unwrap();
     let out = crate::util::juicer(&[

@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-use juicer::vision::ExtractRule;
 use juicer::vision::cache::ScoreCacheConfig;
-use juicer::vision::extract::{DEFAULT_CONFIDENT, DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD};
+use juicer::vision::extract::{DEFAULT_CONFIDENT, DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, calibrated_rule};
+use juicer::vision::{ClassifierSpec, ExtractRule};
 use juicer::{DeviceSpec, EpochSize, JuicerBuilder, KeepPolicy, LastStage, OnError, PruneConfig, ScorerSpec};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -25,6 +25,7 @@ pub const NAMES: &[&str] = &[
     "limit",
     "scorer",
     "weights",
+    "classifier",
     "classifier_weights",
     "keep_ratio",
     "keep_threshold",
@@ -90,7 +91,8 @@ pub fn builder(sources: Vec<String>, options: Option<&Bound<'_, PyDict>>) -> PyR
     let mut prune = PruneConfig::default();
     let (mut keep_threshold, mut keep_mass) = (None::<f32>, None::<f32>);
     let mut extract = "tree";
-    let (mut threshold, mut temperature) = (DEFAULT_THRESHOLD, DEFAULT_TEMPERATURE);
+    let (mut threshold, mut temperature) = (None::<f32>, None::<f32>);
+    let (mut classifier, mut classifier_weights) = ("mobilenet-v2".to_string(), None::<PathBuf>);
     let (mut flat_only, mut score_cache, mut cache_bytes) = (Vec::<String>::new(), None::<PathBuf>, 1u64 << 30);
     let Some(options) = options else { return Ok(b) };
     for (key, value) in options.iter() {
@@ -138,7 +140,14 @@ pub fn builder(sources: Vec<String>, options: Option<&Bound<'_, PyDict>>) -> PyR
                 weights = get::<Option<PathBuf>>(n, v)?;
                 b
             }
-            "classifier_weights" => b.classifier_weights(get::<PathBuf>(n, v)?),
+            "classifier" => {
+                classifier = get(n, v)?;
+                b
+            }
+            "classifier_weights" => {
+                classifier_weights = get::<Option<PathBuf>>(n, v)?;
+                b
+            }
             "keep_ratio" => {
                 prune.policy = KeepPolicy::Ratio(get(n, v)?);
                 b
@@ -249,9 +258,24 @@ pub fn builder(sources: Vec<String>, options: Option<&Bound<'_, PyDict>>) -> PyR
             "top_k and min_prob choose classes under extract=\"flat\"; the tree rule uses class_threshold",
         ));
     }
+    // The class head, and the tree rule calibrated for it unless class_threshold / class_temperature say.
+    let classifier =
+        ClassifierSpec::parse(&classifier, classifier_weights.as_deref()).map_err(|e| bad("classifier", e))?;
+    if let (ClassifierSpec::MobileNetV2, Some(w)) = (&classifier, classifier_weights) {
+        b = b.classifier_weights(w);
+    }
+    let (t, th) = match calibrated_rule(&classifier) {
+        ExtractRule::Tree { temperature, threshold, .. } => (temperature, threshold),
+        ExtractRule::Flat => (DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD),
+    };
+    b = b.classifier(classifier);
     let rule = match extract {
         "flat" => ExtractRule::Flat,
-        _ => ExtractRule::Tree { threshold, temperature, confident: DEFAULT_CONFIDENT },
+        _ => ExtractRule::Tree {
+            threshold: threshold.unwrap_or(th),
+            temperature: temperature.unwrap_or(t),
+            confident: DEFAULT_CONFIDENT,
+        },
     };
     let scorer = ScorerSpec::parse(&scorer, weights.as_deref()).map_err(|e| bad("scorer", e))?;
     b = b.scorer(scorer).prune(prune).extract(rule);

@@ -166,6 +166,10 @@ def test_bad_option_bad_value_bad_weights_and_a_missing_shard(synthetic, tmp_pat
         juicer.Loader(synthetic, bacth_size=4)
     with pytest.raises(ValueError, match="option `keep_ratio`"):
         juicer.Loader(synthetic, keep_ratio="half")
+    with pytest.raises(ValueError, match="(?s)option `classifier`.*lite_weights.py"):
+        juicer.Loader(synthetic, classifier="efficientnet-lite0")
+    with pytest.raises(ValueError, match="(?s)option `classifier`.*unknown classifier"):
+        juicer.Loader(synthetic, classifier="resnet50")
     with pytest.raises(ValueError, match="option `scorer`"):
         juicer.Loader(synthetic, scorer="clip")
     with pytest.raises(ValueError, match="option `batch_size`"):

@@ -28,20 +28,29 @@
 //! The head is MobileNetV2's shape (1280-channel map, mean-pool, Linear), so class activation maps work the same
 //! way. [`EfficientNetLite::fold_batch_norms`] folds every BatchNorm into its conv, as MobileNetV2's does.
 //!
+//! # On the CPU
+//! Once folded on the CPU backend, the blocks and the head run on host memory as [`HostLite`], as MobileNetV2's
+//! features do: the 1×1 convolutions as GEMMs with bias and skip fused ([`super::pointwise`]), the depthwise
+//! layers as one pass each with both ReLU6s fused ([`super::depthwise_same`]). Same outputs up to float rounding
+//! (the parity test runs both paths); the README gives the cost before and after.
+//!
 //! Loading ([`load`]) is strict: the safetensors header must hold exactly the variant's tensors (names, shapes,
 //! `F32`, byte ranges), checked before any tensor is read ([`super::safetensors::check_f32_header`]); any problem
 //! is an [`Error::Weights`] naming the file and the tensor. The weights are not embedded (19–25 MB each).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
 use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
-use super::mobilenet_v2::{conv_then_bn, fold, relu6};
+use super::depthwise_same::HostDepthwiseSame;
+use super::mobilenet_v2::{conv_then_bn, fold, host_conv, host_weights, relu6};
+use super::pointwise::HostPointwise;
 use super::safetensors;
 use crate::error::{Error, Result};
 
@@ -240,6 +249,77 @@ pub struct EfficientNetLite {
     pub dropout: Dropout,
     /// Linear 1280 → 1000 (weight stored `[1280, classes]`).
     pub fc: Linear,
+    /// The blocks and the head, folded, as host-memory kernels: set by
+    /// [`EfficientNetLite::fold_batch_norms`] on the CPU backend, then used by
+    /// [`EfficientNetLite::forward_features`] (module docs, *On the CPU*).
+    #[module(skip)]
+    pub host: Option<Arc<HostLite>>,
+}
+
+/// The folded blocks and head of an [`EfficientNetLite`] on host memory: per block the expansion 1×1 conv
+/// ([`HostPointwise`]), the k×k depthwise conv + ReLU6 with the expansion's ReLU6 fused into its input copy
+/// ([`HostDepthwiseSame`]), the projection 1×1 conv with the skip fused; then the head 1×1 conv + ReLU6. The stem
+/// stays on burn's conv2d (one layer on 3 channels).
+#[derive(Debug, Clone)]
+pub struct HostLite {
+    blocks: Vec<HostBlock>,
+    head: HostPointwise,
+}
+
+#[derive(Debug, Clone)]
+struct HostBlock {
+    expand: Option<HostPointwise>,
+    depthwise: HostDepthwiseSame,
+    project: HostPointwise,
+    skip: bool,
+}
+
+impl HostLite {
+    /// Builds the host kernels from folded layers living on the CPU backend; `None` on a GPU or before folding.
+    fn new(model: &EfficientNetLite) -> Option<Self> {
+        let mut blocks = Vec::with_capacity(model.blocks.len());
+        for b in &model.blocks {
+            let expand = match &b.expand_conv {
+                Some(conv) => Some(host_conv(conv, 1, false)?),
+                None => None,
+            };
+            let (dims, weight, bias) = host_weights(&b.depthwise_conv)?;
+            let depthwise = HostDepthwiseSame {
+                weight,
+                bias,
+                kernel: dims[2],
+                stride: b.depthwise_conv.stride[0],
+                input_relu6: expand.is_some(),
+            };
+            blocks.push(HostBlock { expand, depthwise, project: host_conv(&b.project_conv, 1, false)?, skip: b.skip });
+        }
+        Some(Self { blocks, head: host_conv(&model.conv_head, 1, true)? })
+    }
+
+    /// The blocks and the head on the stem's output `x` `[n, 32, h, w]`: `[n, 1280, oh, ow]`.
+    fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let device = x.device();
+        let [n, _, mut h, mut w] = x.dims();
+        #[allow(clippy::expect_used)] // the model only ever builds f32 activations
+        let mut cur: Vec<f32> = x.into_data().try_into_vec().expect("f32 activations");
+        for block in &self.blocks {
+            let expanded;
+            let input: &[f32] = match &block.expand {
+                Some(expand) => {
+                    expanded = expand.apply(&cur, n, h * w, None);
+                    &expanded
+                }
+                None => &cur,
+            };
+            let hidden_channels = block.depthwise.bias.len();
+            let hidden = block.depthwise.apply(input, n, hidden_channels, h, w);
+            (h, w) = block.depthwise.output_size(h, w);
+            let skip = block.skip.then_some(&cur[..]);
+            cur = block.project.apply(&hidden, n, h * w, skip);
+        }
+        let out = self.head.apply(&cur, n, h * w, None);
+        Tensor::from_data(TensorData::new(out, [n, self.head.cout(), h, w]), &device)
+    }
 }
 
 /// A `kernel`×`kernel` conv (TensorFlow `SAME` padding, no bias) with its BatchNorm.
@@ -276,6 +356,7 @@ impl EfficientNetLite {
             bn1,
             dropout: DropoutConfig::new(variant.dropout()).init(),
             fc: LinearConfig::new(FEATURE_CHANNELS, NUM_CLASSES).init(device),
+            host: None,
         }
     }
 
@@ -286,6 +367,7 @@ impl EfficientNetLite {
             block.fold_batch_norms();
         }
         fold(&mut self.conv_head, &self.bn1);
+        self.host = HostLite::new(&self).map(Arc::new);
         self
     }
 
@@ -297,6 +379,9 @@ impl EfficientNetLite {
     /// - output: `[batch, 1280, ceil(height / 32), ceil(width / 32)]`
     pub fn forward_features(&self, x: Tensor<4>) -> Tensor<4> {
         let x = relu6(conv_then_bn(&self.conv_stem, &self.bn0, x));
+        if let Some(host) = &self.host {
+            return host.forward(x);
+        }
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         relu6(conv_then_bn(&self.conv_head, &self.bn1, x))
     }

