@@ -49,7 +49,7 @@ use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, Sa
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::depthwise_same::HostDepthwiseSame;
-use super::mobilenet_v2::{conv_then_bn, fold, host_conv, host_weights, relu6};
+use super::mobilenet_v2::{conv_then_bn, fold, host_conv, host_weights, linear_head, relu6};
 use super::pointwise::HostPointwise;
 use super::safetensors;
 use crate::error::{Error, Result};
@@ -393,16 +393,7 @@ impl EfficientNetLite {
     /// - `features`: `[batch, 1280, height, width]`
     /// - output: `[batch, 1000]` logits
     pub fn classify(&self, features: Tensor<4>) -> Tensor<2> {
-        let [batch, channels, _, _] = features.dims();
-        let pooled: Tensor<3> = self.dropout.forward(features.mean_dims(&[2, 3]).reshape([batch, 1, channels]));
-        let weight = self.fc.weight.val();
-        let [_, classes] = weight.dims();
-        let logits =
-            pooled.matmul(weight.unsqueeze::<3>().expand([batch, channels, classes])).reshape([batch, classes]);
-        match &self.fc.bias {
-            Some(bias) => logits + bias.val().unsqueeze::<2>(),
-            None => logits,
-        }
+        linear_head(features, &self.dropout, &self.fc)
     }
 
     /// [`forward_features`](Self::forward_features) then [`classify`](Self::classify).
@@ -439,7 +430,7 @@ fn file_key(path: &str) -> String {
         .join(".")
 }
 
-/// Loads `variant`'s pretrained weights (the PyTorch port's key names, [`file_key`]) from a safetensors file on
+/// Loads `variant`'s pretrained weights (the PyTorch port's key names: `_blocks.3._depthwise_conv.weight`) from a safetensors file on
 /// `device`, BatchNorms unfolded.
 ///
 /// # Errors

@@ -345,6 +345,26 @@ pub(super) fn fold(conv: &mut Conv2d, bn: &BatchNorm) {
     conv.bias = Some(Param::initialized(ParamId::new(), bias));
 }
 
+/// The head MobileNetV2 and EfficientNet-Lite share: mean over H×W (`adaptive_avg_pool2d(·, 1)`), Dropout
+/// (identity in inference), then `linear` as one vector-matrix product per sample: one `[batch, C] × [C, classes]`
+/// product would change its summation order with the batch size (GEMV for one row, GEMM for several), so a
+/// sample's logits would depend on what it is batched with; this way they are bit-identical, like its features.
+///
+/// # Shapes
+/// - `features`: `[batch, C, height, width]` (`linear`'s weight is `[C, classes]`)
+/// - output: `[batch, classes]`
+pub(super) fn linear_head(features: Tensor<4>, dropout: &Dropout, linear: &Linear) -> Tensor<2> {
+    let [batch, channels, _, _] = features.dims();
+    let pooled: Tensor<3> = dropout.forward(features.mean_dims(&[2, 3]).reshape([batch, 1, channels]));
+    let weight = linear.weight.val();
+    let [_, classes] = weight.dims();
+    let logits = pooled.matmul(weight.unsqueeze::<3>().expand([batch, channels, classes])).reshape([batch, classes]);
+    match &linear.bias {
+        Some(bias) => logits + bias.val().unsqueeze::<2>(),
+        None => logits,
+    }
+}
+
 impl MobileNetV2Config {
     /// Builds a randomly initialised [`MobileNetV2`] on `device` (use [`load`] or [`embedded`] for the pretrained
     /// weights).
@@ -522,7 +542,7 @@ impl MobileNetV2 {
         })
     }
 
-    /// The head: mean over H×W (`adaptive_avg_pool2d(·, 1)`), flatten, Dropout (identity in inference), Linear.
+    /// The head: mean over H×W, flatten, Dropout (identity in inference), Linear, one vector-matrix product per sample.
     ///
     /// # Shapes
     /// - `features`: `[batch, 1280, height, width]`
@@ -531,19 +551,7 @@ impl MobileNetV2 {
     /// # Panics
     /// If `features` does not have 1280 channels.
     pub fn classify(&self, features: Tensor<4>) -> Tensor<2> {
-        let [batch, channels, _, _] = features.dims();
-        let pooled: Tensor<3> = self.classifier.0.forward(features.mean_dims(&[2, 3]).reshape([batch, 1, channels]));
-        // `Linear::forward` as one [batch, 1280] × [1280, classes] product would change its summation order with the
-        // batch size (GEMV for one row, GEMM for several). One vector-matrix product per sample keeps every sample's
-        // logits bit-identical whatever it is batched with, like its features.
-        let weight = self.classifier.1.weight.val();
-        let [_, classes] = weight.dims();
-        let logits =
-            pooled.matmul(weight.unsqueeze::<3>().expand([batch, channels, classes])).reshape([batch, classes]);
-        match &self.classifier.1.bias {
-            Some(bias) => logits + bias.val().unsqueeze::<2>(),
-            None => logits,
-        }
+        linear_head(features, &self.classifier.0, &self.classifier.1)
     }
 
     /// [`forward_features`](Self::forward_features) then [`classify`](Self::classify).

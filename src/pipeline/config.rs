@@ -25,7 +25,7 @@ pub struct Config {
     /// Decode workers (default: available cores).
     pub decode_workers: usize,
     /// Collator threads that build batches (the batcher's `batch`) behind the ordered sink, in parallel, in
-    /// order; 0 builds them on the sink's thread (default [`default_collate_workers`]).
+    /// order; 0 builds them on the sink's thread (default one per four cores, 1 to 4).
     pub collate_workers: usize,
     /// Shuffle buffer capacity in samples; 0 or 1 keeps the read order (default 500).
     pub shuffle_buffer: usize,

@@ -9,7 +9,7 @@ use crate::source::{Manifest, Shard};
 
 impl<O: Send + 'static> Juicer<O> {
     /// Sample count of every shard, done once and cached: from the manifest (or folder JSONL) where the sources
-    /// give it, else from the count cache ([`Config::count_cache`]) or a header-only scan of the shards whose
+    /// give it, else from the count cache ([`crate::Config::count_cache`]) or a header-only scan of the shards whose
     /// count is unknown, [`SCAN_JOBS`] at a time, with a progress line on a terminal.
     pub fn shard_counts(&self) -> Result<Vec<usize>> {
         self.shared

@@ -32,7 +32,7 @@ pub struct JuicerIter<O> {
 
 impl<O> JuicerIter<O> {
     /// Checkpoint state after the last batch (or error) this iterator returned. Pass it to
-    /// [`Juicer::resume`] to continue exactly from here.
+    /// [`crate::Juicer::resume`] to continue exactly from here.
     pub fn state(&self) -> &LoaderState {
         &self.state
     }

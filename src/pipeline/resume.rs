@@ -37,7 +37,7 @@ impl<O: Send + 'static> Juicer<O> {
         Ok(())
     }
 
-    /// Makes the next `iter()`/`stream()` continue exactly from `state` (taken from [`JuicerIter::state`]).
+    /// Makes the next `iter()`/`stream()` continue exactly from `state` (taken from [`crate::JuicerIter::state`]).
     pub fn resume(&self, state: LoaderState) -> Result<()> {
         let s = &self.shared;
         let mut problems = Vec::new();
@@ -125,7 +125,7 @@ impl<O: Send + 'static> Juicer<O> {
     /// dropped bad samples). The epochs after it follow this world's plan, exactly as a fresh run of this world
     /// would. When every old rank had completed the epoch, the next epoch starts.
     ///
-    /// The rank's state during the resumed epoch ([`JuicerIter::state`], holding its range list) resumes with
+    /// The rank's state during the resumed epoch ([`crate::JuicerIter::state`], holding its range list) resumes with
     /// [`Juicer::resume`] on the same world, and merges again with [`LoaderState::merge`].
     ///
     /// What is bit-identical: the samples the old ranks emitted before the checkpoint are what they were;

@@ -54,7 +54,7 @@
 //!    cut points are right after a sentence end (`. ! ? …`; not the full stop of an initial or an
 //!    abbreviation such as "Dr.") or a clause mark (`, ; : — –`, a spaced hyphen), followed by whitespace, and
 //!    outside brackets and double quotes; CJK sentence and clause marks allow a cut without the space
-//!    ([`clause_cuts`]). The longest such prefix with which the template and every class fit is kept; its
+//!    (`clause_cuts`). The longest such prefix with which the template and every class fit is kept; its
 //!    trailing clause mark and whitespace are removed, a sentence end stays (and picks the sentence
 //!    template). The text still starts with a prefix of the caption, and every class is in it.
 //! 3. Else (no clean cut leaves room for the classes) the text is the original caption, unchanged, and every
