@@ -50,7 +50,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::depthwise_same::HostDepthwiseSame;
 use super::mobilenet_v2::{conv_then_bn, fold, host_conv, host_weights, linear_head, relu6};
-use super::pointwise::HostPointwise;
+use super::pointwise::{HostPointwise, expand_if_any};
 use super::safetensors;
 use crate::error::{Error, Result};
 
@@ -303,16 +303,9 @@ impl HostLite {
         #[allow(clippy::expect_used)] // the model only ever builds f32 activations
         let mut cur: Vec<f32> = x.into_data().try_into_vec().expect("f32 activations");
         for block in &self.blocks {
-            let expanded;
-            let input: &[f32] = match &block.expand {
-                Some(expand) => {
-                    expanded = expand.apply(&cur, n, h * w, None);
-                    &expanded
-                }
-                None => &cur,
-            };
+            let input = expand_if_any(block.expand.as_ref(), &cur, n, h * w);
             let hidden_channels = block.depthwise.bias.len();
-            let hidden = block.depthwise.apply(input, n, hidden_channels, h, w);
+            let hidden = block.depthwise.apply(&input, n, hidden_channels, h, w);
             (h, w) = block.depthwise.output_size(h, w);
             let skip = block.skip.then_some(&cur[..]);
             cur = block.project.apply(&hidden, n, h * w, skip);

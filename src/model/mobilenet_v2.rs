@@ -45,7 +45,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use super::depthwise::HostDepthwise;
-use super::pointwise::{HostPointwise, im2col_3x3};
+use super::pointwise::{HostPointwise, expand_if_any, im2col_3x3};
 use super::safetensors;
 use crate::error::{Error, Result};
 
@@ -256,15 +256,8 @@ impl HostFeatures {
         let mut cur = self.stem.apply(&cols, n, h * w, None);
         drop(cols);
         for block in &self.blocks {
-            let expanded;
-            let input: &[f32] = match &block.expand {
-                Some(expand) => {
-                    expanded = expand.apply(&cur, n, h * w, None);
-                    &expanded
-                }
-                None => &cur,
-            };
-            let hidden = block.depthwise.apply(input, n, block.depthwise.bias.len(), h, w);
+            let input = expand_if_any(block.expand.as_ref(), &cur, n, h * w);
+            let hidden = block.depthwise.apply(&input, n, block.depthwise.bias.len(), h, w);
             (h, w) = block.depthwise.output_size(h, w);
             let residual = block.residual.then_some(&cur[..]);
             cur = block.project.apply(&hidden, n, h * w, residual);

@@ -16,6 +16,8 @@
 //! is batched with. The result equals burn's `conv2d` (+ bias, + residual, ReLU6) up to float rounding: the bias
 //! is added before the products rather than after (a test checks every layer shape of the model).
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 /// One folded 1×1 convolution's weights on the host: `weight[o * cin + i]`, `bias[o]`.
@@ -107,6 +109,15 @@ impl HostPointwise {
             }
         });
         out
+    }
+}
+
+/// `x` through an inverted residual block's expansion when it has one, else `x` itself (MobileNetV2's first block
+/// and EfficientNet-Lite's have none).
+pub fn expand_if_any<'a>(expand: Option<&HostPointwise>, x: &'a [f32], n: usize, hw: usize) -> Cow<'a, [f32]> {
+    match expand {
+        Some(layer) => Cow::Owned(layer.apply(x, n, hw, None)),
+        None => Cow::Borrowed(x),
     }
 }
 
