@@ -38,14 +38,12 @@
 //! `F32`, byte ranges), checked before any tensor is read ([`super::safetensors::check_f32_header`]); any problem
 //! is an [`Error::Weights`] naming the file and the tensor. The weights are not embedded (19–25 MB each).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::depthwise_same::HostDepthwiseSame;
@@ -439,33 +437,14 @@ pub fn load(path: &Path, variant: LiteVariant, device: &Device) -> Result<Effici
 /// [`load`] from bytes; the error is the detail of an [`Error::Weights`].
 fn load_bytes(bytes: Vec<u8>, variant: LiteVariant, device: &Device) -> std::result::Result<EfficientNetLite, String> {
     let mut model = EfficientNetLite::init(variant, device);
-    let expected: BTreeMap<String, Vec<usize>> = model
-        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
-        .into_iter()
-        .map(|t| (file_key(&t.name), t.shape.to_vec()))
-        .collect();
-    safetensors::check_f32_header(&bytes, &expected, variant.name())?;
-    let mut store = SafetensorsStore::from_bytes(Some(bytes))
-        .with_key_remapping(r"(^|\.)_", "$1")
-        .with_from_adapter(PyTorchToBurnAdapter)
-        .validate(true)
-        .allow_partial(false);
-    let result = model.load_from(&mut store).map_err(|e| format!("loading failed: {e}"))?;
-    // The header check makes these unreachable; kept so that a divergence can never load silently.
-    if let Some(e) = result.errors.first() {
-        return Err(e.to_string());
-    }
-    if let Some((name, _)) = result.missing.first() {
-        return Err(format!("missing tensor `{}`", file_key(name)));
-    }
-    if let Some(name) = result.unused.first() {
-        return Err(format!("unexpected tensor `{name}`"));
-    }
+    safetensors::load_strict(&mut model, bytes, variant.name(), file_key, |s| s.with_key_remapping(r"(^|\.)_", "$1"))?;
     Ok(model)
 }
 
 #[cfg(test)]
 mod tests {
+    use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot};
+
     use super::*;
 
     #[test]

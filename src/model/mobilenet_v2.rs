@@ -32,7 +32,6 @@
 //! The embedded weights are torchvision's `MobileNet_V2_Weights.IMAGENET1K_V1` (BSD-3-Clause, see
 //! `fixtures/mobilenet_v2/LICENSE-torchvision`).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 
@@ -40,7 +39,6 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{BatchNorm, BatchNormConfig, Dropout, DropoutConfig, Linear, LinearConfig, PaddingConfig2d};
-use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use burn::tensor::activation::relu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
@@ -639,30 +637,8 @@ pub fn embedded(device: &Device) -> Result<MobileNetV2> {
 
 /// Validates `bytes` against the default model's tensors, then applies them.
 fn load_named(bytes: Vec<u8>, file: &str, device: &Device) -> Result<MobileNetV2> {
-    let err = |detail: String| Error::Weights { file: file.to_string(), detail };
     let mut model = MobileNetV2Config::new().init(device);
-    let expected: BTreeMap<String, Vec<usize>> = model
-        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
-        .into_iter()
-        .map(|t| (t.name, t.shape.to_vec()))
-        .collect();
-    safetensors::check_f32_header(&bytes, &expected, "MobileNetV2").map_err(err)?;
-
-    let mut store = SafetensorsStore::from_bytes(Some(bytes))
-        .with_from_adapter(PyTorchToBurnAdapter)
-        .skip_enum_variants(true)
-        .validate(true)
-        .allow_partial(false);
-    let result = model.load_from(&mut store).map_err(|e| err(format!("loading failed: {e}")))?;
-    // The header check makes these unreachable; kept so that a divergence can never load silently.
-    if let Some(e) = result.errors.first() {
-        return Err(err(e.to_string()));
-    }
-    if let Some((name, _)) = result.missing.first() {
-        return Err(err(format!("missing tensor `{name}`")));
-    }
-    if let Some(name) = result.unused.first() {
-        return Err(err(format!("unexpected tensor `{name}` (not used by MobileNetV2)")));
-    }
+    safetensors::load_strict(&mut model, bytes, "MobileNetV2", str::to_string, |s| s.skip_enum_variants(true))
+        .map_err(|detail| Error::Weights { file: file.to_string(), detail })?;
     Ok(model.valid())
 }

@@ -4,11 +4,13 @@
 //!
 //! [`split`] checks the framing (length prefix inside the file, header a JSON object) and [`TensorInfo::parse`]
 //! one header entry (dtype, shape, data offsets, no overflow). [`check_f32_header`] is the strict check the
-//! ImageNet classifiers share: exactly the tensors the model expects (names, shapes), `F32`, contiguous; the
-//! ViT checks its own (its dtypes and optional tensors differ), with the same pieces.
+//! ImageNet classifiers share: exactly the tensors the model expects (names, shapes), `F32`, contiguous, and
+//! [`load_strict`] their whole loading path around it; the ViT checks its own (its dtypes and optional tensors
+//! differ), with the same pieces.
 
 use std::collections::BTreeMap;
 
+use burn::store::{BurnToPyTorchAdapter, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
 use serde_json::{Map, Value};
 
 /// A safetensors file split into its parsed header and its data section.
@@ -89,6 +91,42 @@ pub fn dtype_size(dtype: &str) -> Option<usize> {
         "U64" | "I64" | "F64" => 8,
         _ => return None,
     })
+}
+
+/// Loads `bytes` into `model` strictly: [`check_f32_header`] against the tensors `model` expects, named in the
+/// file as `file_key` maps its module paths (torchvision's names are the paths themselves; the EfficientNet-Lite
+/// port prefixes module names with `_`), then burn-store's [`SafetensorsStore`] with PyTorch's conventions,
+/// configured further by `store` (skip enum variants, key remapping). The error is the detail of an
+/// [`crate::Error::Weights`], naming the tensor.
+pub fn load_strict<M: ModuleSnapshot>(
+    model: &mut M,
+    bytes: Vec<u8>,
+    name: &str,
+    file_key: fn(&str) -> String,
+    store: impl FnOnce(SafetensorsStore) -> SafetensorsStore,
+) -> std::result::Result<(), String> {
+    let expected: BTreeMap<String, Vec<usize>> = model
+        .collect(None, Some(Box::new(BurnToPyTorchAdapter)), true)
+        .into_iter()
+        .map(|t| (file_key(&t.name), t.shape.to_vec()))
+        .collect();
+    check_f32_header(&bytes, &expected, name)?;
+    let mut store = store(SafetensorsStore::from_bytes(Some(bytes)))
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .validate(true)
+        .allow_partial(false);
+    let result = model.load_from(&mut store).map_err(|e| format!("loading failed: {e}"))?;
+    // The header check makes these unreachable; kept so that a divergence can never load silently.
+    if let Some(e) = result.errors.first() {
+        return Err(e.to_string());
+    }
+    if let Some((path, _)) = result.missing.first() {
+        return Err(format!("missing tensor `{}`", file_key(path)));
+    }
+    if let Some(key) = result.unused.first() {
+        return Err(format!("unexpected tensor `{key}` (not used by {name})"));
+    }
+    Ok(())
 }
 
 /// At most this many problems are listed in one error.
