@@ -333,6 +333,23 @@ impl Decoder {
     }
 }
 
+/// Channel-major `[3, H, W]` pixels normalised with `from` (`(mean, std)`, `[0, 1]` pixel units) re-expressed
+/// with `to`: `(x·std_from + mean_from − mean_to) / std_to` per channel. How a model whose preprocessing differs
+/// from the decoder's (the classifier after a ViT scorer, EfficientNet-Lite after ImageNet's) reads the decoded
+/// pixels.
+pub fn renormalise(pixels: &[f32], from: ([f32; 3], [f32; 3]), to: ([f32; 3], [f32; 3])) -> Vec<f32> {
+    let plane = (pixels.len() / 3).max(1);
+    let ((m0, s0), (m1, s1)) = (from, to);
+    pixels
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let c = (i / plane).min(2);
+            (x * s0[c] + m0[c] - m1[c]) / s1[c]
+        })
+        .collect()
+}
+
 /// The `decode` stage: bytes → normalised pixels, one sample per call on the decode worker pool.
 #[derive(Debug)]
 pub struct DecodeStage(pub Decoder);
@@ -597,6 +614,22 @@ mod tests {
     use image::{GenericImageView, Rgb};
 
     use super::*;
+
+    #[test]
+    fn renormalise_maps_one_normalisation_onto_another() {
+        let clip = (CLIP_MEAN, CLIP_STD);
+        let imagenet = (IMAGENET_MEAN, IMAGENET_STD);
+        // Pixel values 0.2 / 0.5 / 0.9 per channel, normalised both ways.
+        let raw = [0.2f32, 0.5, 0.9];
+        let norm = |(m, s): ([f32; 3], [f32; 3])| -> Vec<f32> {
+            (0..12).map(|i| (raw[i / 4] - m[i / 4]) / s[i / 4]).collect()
+        };
+        let got = renormalise(&norm(clip), clip, imagenet);
+        for (g, w) in got.iter().zip(norm(imagenet)) {
+            assert!((g - w).abs() < 1e-5, "{got:?}");
+        }
+        assert_eq!(renormalise(&norm(clip), clip, clip).len(), 12);
+    }
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

@@ -53,7 +53,7 @@ use std::collections::BTreeMap;
 use super::hierarchy::{ConceptId, Hierarchy};
 use super::score::{Classified, Classifier, ClassifierSpec, failed_all};
 use super::vocabulary::Vocabulary;
-use crate::decode::{IMAGENET_MEAN, IMAGENET_STD};
+use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, renormalise};
 use crate::error::SampleError;
 use crate::model::efficientnet_lite::LiteVariant;
 use crate::sample::{Candidate, Class, JuicedSample, Pruned, Scored};
@@ -341,20 +341,10 @@ impl Extract {
         p.into_juiced(classes)
     }
 
-    fn imagenet_input<'a>(&self, pixels: &'a [f32], size: usize) -> Cow<'a, [f32]> {
+    fn imagenet_input<'a>(&self, pixels: &'a [f32]) -> Cow<'a, [f32]> {
         match self.input_norm {
             None => Cow::Borrowed(pixels),
-            Some((mean, std)) => {
-                let plane = size * size;
-                pixels
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &x)| {
-                        let c = (i / plane).min(2);
-                        (x * std[c] + mean[c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
-                    })
-                    .collect()
-            }
+            Some(from) => Cow::Owned(renormalise(pixels, from, (IMAGENET_MEAN, IMAGENET_STD))),
         }
     }
 }
@@ -395,7 +385,7 @@ impl BatchStage for Extract {
             let size = items[first].scored.sample.size;
             let g = items[first].scored.grid;
             let inputs: Vec<Cow<'_, [f32]>> =
-                need.iter().map(|&i| self.imagenet_input(&items[i].scored.sample.pixels, size)).collect();
+                need.iter().map(|&i| self.imagenet_input(&items[i].scored.sample.pixels)).collect();
             let refs: Vec<&[f32]> = inputs.iter().map(|v| v.as_ref()).collect();
             match classifier.classify(&refs, size, g, self.rule.candidates(self.top_k)) {
                 Ok(c) => {

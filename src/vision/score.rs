@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::cam;
-use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, grid};
+use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, grid, renormalise};
 use crate::device::IntraOp;
 use crate::error::{DropReason, Error, Result, SampleError};
 use crate::model::efficientnet_lite::{self, EfficientNetLite, LiteVariant};
@@ -308,15 +308,8 @@ pub(crate) fn read_back(features: Tensor<4>, logits: Tensor<2>) -> std::result::
 /// enlarging, 224 → 240 or 260; antialiased when shrinking).
 pub fn lite_input(image: &[f32], size: usize, side: usize) -> Vec<f32> {
     let plane = size * size;
-    let pixels: Vec<f32> = image
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            let c = (i / plane.max(1)).min(2);
-            (x * IMAGENET_STD[c] + IMAGENET_MEAN[c] - efficientnet_lite::INPUT_MEAN[c])
-                / efficientnet_lite::INPUT_STD[c]
-        })
-        .collect();
+    let lite = (efficientnet_lite::INPUT_MEAN, efficientnet_lite::INPUT_STD);
+    let pixels = renormalise(image, (IMAGENET_MEAN, IMAGENET_STD), lite);
     match side.cmp(&size) {
         std::cmp::Ordering::Equal => pixels,
         std::cmp::Ordering::Less => cam::downscale_planes(&pixels, 3, size, side),
