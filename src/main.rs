@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use juicer::source::{Shard, ShardWriter, resolve};
-use juicer::vision::{ClassifierSpec, ExtractRule};
+use juicer::vision::ExtractRule;
 use juicer::{DeviceSpec, EpochSize, JuicedBatch, KeepPolicy, OnError, PruneConfig, SampleError, ScorerSpec, Summary};
 
 #[derive(Parser)]
@@ -462,8 +462,8 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     if let Some(w) = args.world_size {
         builder = builder.world_size(w);
     }
-    let classifier = ClassifierSpec::parse(&args.classifier, args.classifier_weights.as_deref())?;
     builder = builder
+        .classifier_named(&args.classifier, args.classifier_weights.as_deref())?
         .scorer(ScorerSpec::parse(
             match args.scorer {
                 ScorerArg::Cam => "cam",
@@ -482,20 +482,23 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
             min_keep: args.min_keep,
             max_keep: args.max_keep,
         })
-        .classifier(classifier.clone())
-        .extract(match (args.extract, juicer::vision::extract::calibrated_rule(&classifier)) {
-            (ExtractArg::Tree, ExtractRule::Tree { threshold, temperature, confident }) => ExtractRule::Tree {
-                threshold: args.class_threshold.unwrap_or(threshold),
-                temperature: args.class_temperature.unwrap_or(temperature),
-                confident,
-            },
-            _ => ExtractRule::Flat,
-        })
         .micro_batch(args.micro_batch)
         .model_workers(args.model_workers)
         .intra_op_threads(args.intra_op_threads)
         .template(args.template.clone())
         .mix(args.mix);
+    // The tree rule is the classifier's calibration unless --class-threshold / --class-temperature say.
+    match args.extract {
+        ExtractArg::Flat => builder = builder.extract(ExtractRule::Flat),
+        ExtractArg::Tree => {
+            if let Some(t) = args.class_threshold {
+                builder = builder.class_threshold(t);
+            }
+            if let Some(t) = args.class_temperature {
+                builder = builder.class_temperature(t);
+            }
+        }
+    }
     if matches!(args.extract, ExtractArg::Tree) && (args.top_k.is_some() || args.min_prob.is_some()) {
         bail!("--top-k and --min-prob choose classes under --extract flat; the tree rule uses --class-threshold");
     }
@@ -510,9 +513,6 @@ fn loader_builder(args: &RunArgs) -> anyhow::Result<juicer::JuicerBuilder> {
     }
     if let Some(t) = args.second_threshold {
         builder = builder.second_threshold(t);
-    }
-    if let (ClassifierSpec::MobileNetV2, Some(w)) = (&classifier, &args.classifier_weights) {
-        builder = builder.classifier_weights(w);
     }
     if let Some(v) = &args.vocabulary {
         builder = builder.vocabulary(v);

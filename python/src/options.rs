@@ -4,9 +4,8 @@
 
 use std::path::PathBuf;
 
+use juicer::vision::ExtractRule;
 use juicer::vision::cache::ScoreCacheConfig;
-use juicer::vision::extract::{DEFAULT_CONFIDENT, DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD, calibrated_rule};
-use juicer::vision::{ClassifierSpec, ExtractRule};
 use juicer::{DeviceSpec, EpochSize, JuicerBuilder, KeepPolicy, LastStage, OnError, PruneConfig, ScorerSpec};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -259,26 +258,19 @@ pub fn builder(sources: Vec<String>, options: Option<&Bound<'_, PyDict>>) -> PyR
         ));
     }
     // The class head, and the tree rule calibrated for it unless class_threshold / class_temperature say.
-    let classifier =
-        ClassifierSpec::parse(&classifier, classifier_weights.as_deref()).map_err(|e| bad("classifier", e))?;
-    if let (ClassifierSpec::MobileNetV2, Some(w)) = (&classifier, classifier_weights) {
-        b = b.classifier_weights(w);
+    b = b.classifier_named(&classifier, classifier_weights.as_deref()).map_err(|e| bad("classifier", e))?;
+    if extract == "flat" {
+        b = b.extract(ExtractRule::Flat);
+    } else {
+        if let Some(t) = threshold {
+            b = b.class_threshold(t);
+        }
+        if let Some(t) = temperature {
+            b = b.class_temperature(t);
+        }
     }
-    let (t, th) = match calibrated_rule(&classifier) {
-        ExtractRule::Tree { temperature, threshold, .. } => (temperature, threshold),
-        ExtractRule::Flat => (DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD),
-    };
-    b = b.classifier(classifier);
-    let rule = match extract {
-        "flat" => ExtractRule::Flat,
-        _ => ExtractRule::Tree {
-            threshold: threshold.unwrap_or(th),
-            temperature: temperature.unwrap_or(t),
-            confident: DEFAULT_CONFIDENT,
-        },
-    };
     let scorer = ScorerSpec::parse(&scorer, weights.as_deref()).map_err(|e| bad("scorer", e))?;
-    b = b.scorer(scorer).prune(prune).extract(rule);
+    b = b.scorer(scorer).prune(prune);
     if let Some(dir) = score_cache {
         b = b.score_cache(ScoreCacheConfig { dir, max_bytes: cache_bytes });
     }

@@ -166,6 +166,19 @@ impl JuicerBuilder {
         self
     }
 
+    /// The tree rule with this softmax temperature for calibrating the class probabilities (keeps the threshold).
+    pub fn class_temperature(mut self, temperature: f32) -> Self {
+        self.config.vision.extract = match self.config.vision.extract {
+            ExtractRule::Tree { threshold, confident, .. } => ExtractRule::Tree { threshold, temperature, confident },
+            ExtractRule::Flat => ExtractRule::Tree {
+                threshold: crate::vision::extract::DEFAULT_THRESHOLD,
+                temperature,
+                confident: crate::vision::extract::DEFAULT_CONFIDENT,
+            },
+        };
+        self
+    }
+
     /// Under the tree rule, also names a second concept unrelated to the first when its summed probability
     /// reaches `threshold` and its evidence lies apart from the first one's.
     pub fn second_threshold(mut self, threshold: f32) -> Self {
@@ -197,6 +210,22 @@ impl JuicerBuilder {
         }
         self.config.vision.classifier = spec;
         self
+    }
+
+    /// The classifier `--classifier NAME` / `classifier=` names, with its weights file (`--classifier-weights`):
+    /// for `mobilenet-v2` the file replaces the embedded weights of the scorer and the class head alike
+    /// ([`classifier_weights`](Self::classifier_weights)); an `efficientnet-lite*` needs it. Then as
+    /// [`classifier`](Self::classifier).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an unknown name or a Lite model without weights.
+    pub fn classifier_named(self, name: &str, weights: Option<&std::path::Path>) -> Result<Self> {
+        let spec = crate::vision::ClassifierSpec::parse(name, weights)?;
+        let this = match (&spec, weights) {
+            (crate::vision::ClassifierSpec::MobileNetV2, Some(w)) => self.classifier_weights(w),
+            _ => self,
+        };
+        Ok(this.classifier(spec))
     }
 
     /// A JSON vocabulary `{"<class id or wnid>": "<name>" | ["<name>", ...]}` restricting and renaming the
