@@ -153,6 +153,11 @@ fn row(name: &str, t: &Tally) -> String {
     )
 }
 
+/// The value after `--name` on the command line.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
 /// `--labels a.json,b.json`: every file's labels, merged.
 fn read_labels(paths: &str) -> juicer::Result<Labels> {
     let mut files = paths.split(',').map(|p| Labels::read(std::path::Path::new(p)));
@@ -162,7 +167,7 @@ fn read_labels(paths: &str) -> juicer::Result<Labels> {
 
 /// `--logits` mode (module docs).
 fn compare(args: &[String], logits: &str) -> juicer::Result<()> {
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |name: &str| flag(args, name);
     let labels_path = value("--labels").unwrap_or_else(|| LABELS.to_string());
     let labels = read_labels(&labels_path)?;
     let has_split = labels.keys().any(|k| labels.split(k).is_some());
@@ -266,22 +271,21 @@ fn compare(args: &[String], logits: &str) -> juicer::Result<()> {
 
 fn main() -> juicer::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let Some(i) = args.iter().position(|a| a == "--logits") {
-        let Some(path) = args.get(i + 1) else {
+    if args.iter().any(|a| a == "--logits") {
+        let Some(path) = flag(&args, "--logits") else {
             return Err(juicer::Error::Config(vec!["--logits needs a file".into()]));
         };
-        return compare(&args, path);
+        return compare(&args, &path);
     }
     let wrong = args.iter().any(|a| a == "--wrong");
-    let list = |flag: &str, default: f32| -> Vec<f32> {
-        match args.iter().position(|a| a == flag) {
-            Some(i) => {
-                args.get(i + 1).map(|s| s.split(',').filter_map(|t| t.parse().ok()).collect()).unwrap_or_default()
-            }
+    let list = |name: &str, default: f32| -> Vec<f32> {
+        match flag(&args, name) {
+            Some(v) => v.split(',').filter_map(|t| t.parse().ok()).collect(),
+            None if args.iter().any(|a| a == name) => Vec::new(),
             None => vec![default],
         }
     };
-    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1)).cloned();
+    let value = |name: &str| flag(&args, name);
     let second = value("--second").and_then(|s| s.parse().ok());
     let weights = value("--classifier-weights").map(std::path::PathBuf::from);
     let classifier =
