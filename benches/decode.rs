@@ -10,7 +10,8 @@ use std::path::Path;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use image::codecs::jpeg::JpegEncoder;
-use juicer::decode::{DecodeConfig, Decoder, grid, patchify};
+use juicer::decode::{DecodeConfig, Decoder};
+use juicer::patch::{grid, patchify};
 use juicer::sample::RawSample;
 
 const PHOTO: &str = "animals-giant_panda"; // 1024×681 lossy WebP

@@ -90,8 +90,9 @@
 //!   bytes, JSON nesting, checked before allocating). **Invariant:** a sample is read whole or reported as
 //!   `Truncated`, never short.
 //! - [`decode`]: bytes → RGB (libjpeg-turbo at a reduced DCT scale where the crop allows, libwebp, `image`) →
-//!   torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; `patchify`; the decode stage; the one copy of the
+//!   torchvision `Resize`+`CenterCrop` → normalised `[3, S, S]`; the decode stage; the one copy of the
 //!   ImageNet and CLIP normalisation constants.
+//! - [`patch`]: the patch grid, [`patch::patchify`] and its inverse (a leaf the stages and the sample types share).
 //! - [`sample`]: the item each edge carries ([`RawSample`] → [`Decoded`] → [`Scored`](sample::Scored) →
 //!   [`Pruned`](sample::Pruned) → [`JuicedSample`]) and CLIP's token context ([`sample::CONTEXT`]).
 //! - [`batch`]: [`HostBatch::collate`] (host buffers; [`ArrayBatcher`]), [`JuicedBatch`] and the default
@@ -172,6 +173,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod graph;
 pub mod model;
+pub mod patch;
 pub mod pipeline;
 pub mod plan;
 pub mod reader;

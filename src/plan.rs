@@ -710,7 +710,7 @@ impl LoaderState {
                 })
             };
             for (i, p) in s.buffer.iter().enumerate() {
-                if p.index == crate::reader::SHARD_FAILED {
+                if p.index == crate::sample::SHARD_FAILED {
                     continue;
                 }
                 singles.push((task(p.shard)?.shard, p.index, s.buffer_offset(i)));

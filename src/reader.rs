@@ -18,11 +18,8 @@ use crate::error::{DropReason, Error, Result, SampleError};
 use crate::graph::{Emitter, Inlet, Outlet};
 use crate::plan::{LoaderState, SampleRange, ShardPlan, Trace};
 use crate::rng::SplitMix64;
-use crate::sample::{RawSample, SourcePos};
+use crate::sample::{RawSample, SHARD_FAILED, SourcePos};
 use crate::source::{ReadOptions, Shard, Start};
-
-/// Index marking a whole-shard failure instead of a sample.
-pub const SHARD_FAILED: u32 = u32::MAX;
 
 type Item = std::result::Result<RawSample, SampleError>;
 

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::decode::patchify;
+use crate::patch::patchify;
 
 /// Token context of a CLIP text encoder, `<|startoftext|>` and `<|endoftext|>` included: the length of every
 /// token row in a batch, and the budget the enrich stage fits captions into.
@@ -28,6 +28,10 @@ pub struct SourcePos {
     /// Index of the sample inside the shard, in file order.
     pub index: u32,
 }
+
+/// [`SourcePos::index`] of a whole-shard failure (a shard that could not be opened or listed) instead of a
+/// sample: the readers emit it, and the checkpoint plan recognises it when it replays a trace.
+pub const SHARD_FAILED: u32 = u32::MAX;
 
 /// A sample as read from a source, before any decoding.
 #[derive(Debug, Clone)]

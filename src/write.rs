@@ -435,7 +435,8 @@ fn key_reads_back(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{CLIP_MEAN, CLIP_STD, DecodeConfig, Decoder, IMAGENET_MEAN, IMAGENET_STD, patchify};
+    use crate::decode::{CLIP_MEAN, CLIP_STD, DecodeConfig, Decoder, IMAGENET_MEAN, IMAGENET_STD};
+    use crate::patch::patchify;
 
     #[test]
     fn denormalise_inverts_the_decoder_exactly() {

@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{ReadOptions, Shard, object, spec};
+use super::http::is_url;
+use super::{ReadOptions, Shard, object};
 use crate::error::{Error, Result};
 
 /// File name of the cache inside its directory.
@@ -90,7 +91,7 @@ pub(crate) fn version(shard: &Shard, opts: &ReadOptions) -> Result<Option<(Strin
         let (size, etag) = object::head(url, opts).map_err(shard_err)?;
         return Ok(etag.map(|t| (format!("{url}|{t}|{size}"), size)));
     }
-    if spec::is_url(url) {
+    if is_url(url) {
         let (size, tag) = super::http::head(url, opts).map_err(shard_err)?;
         return Ok(tag.zip(size).map(|(t, n)| (format!("{url}|{t}|{n}"), n)));
     }

@@ -19,6 +19,12 @@ use futures::StreamExt;
 use super::ReadOptions;
 use crate::graph::{Prefetch, block_on};
 
+/// Whether a shard location is an `http://` or `https://` URL.
+pub(crate) fn is_url(spec: &str) -> bool {
+    let lower = spec.get(..8).unwrap_or(spec).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
 /// Pause before the first retry; doubled on each further retry up to [`MAX_BACKOFF`].
 const BASE_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between two retries.

@@ -68,10 +68,10 @@ pub fn is_manifest(spec: &str) -> bool {
 
 /// `rel` resolved against the folder of `base` (a path or an `http(s)://` URL), unless it is absolute already.
 fn join(base: &str, rel: &str) -> String {
-    if super::spec::is_url(rel) || rel.contains("://") || Path::new(rel).is_absolute() {
+    if super::http::is_url(rel) || rel.contains("://") || Path::new(rel).is_absolute() {
         return rel.to_string();
     }
-    if super::spec::is_url(base) || base.contains("://") {
+    if super::http::is_url(base) || base.contains("://") {
         let dir = base.rsplit_once('/').map_or(base, |(d, _)| d);
         return format!("{dir}/{rel}");
     }
@@ -207,7 +207,7 @@ impl Manifest {
             let shard = Shard::Tar(url.to_string());
             let result = (|| {
                 let version = if cached.is_some() { super::counts::version(&shard, opts)? } else { None };
-                let local = !super::spec::is_url(url) && !super::object::is_object_url(url);
+                let local = !super::http::is_url(url) && !super::object::is_object_url(url);
                 let filesize = version
                     .as_ref()
                     .map(|v| v.1)

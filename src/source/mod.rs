@@ -171,7 +171,7 @@ impl Shard {
 
     /// Whether the shard is read over the network (HTTP(S) or an object store other than `file://`).
     pub fn is_remote(&self) -> bool {
-        matches!(self, Shard::Tar(path) if spec::is_url(path)
+        matches!(self, Shard::Tar(path) if http::is_url(path)
             || (object::is_object_url(path) && !path.to_ascii_lowercase().starts_with("file://")))
     }
 
@@ -186,7 +186,7 @@ impl Shard {
         let by_name = gzip_name(path);
         // A name that says gzip: the offset cannot be used, read from the start.
         let offset = if by_name { 0 } else { offset };
-        let mut reader: BufReader<Box<dyn Read + Send>> = if spec::is_url(path) {
+        let mut reader: BufReader<Box<dyn Read + Send>> = if http::is_url(path) {
             // HTTP(S): one request, `Range: bytes=OFFSET-` when the offset is not 0.
             let http = HttpReader::open(path, opts, offset).map_err(shard_err)?;
             BufReader::with_capacity(HTTP_BUFFER, Box::new(http))
@@ -300,7 +300,7 @@ pub fn fuzz_count_tar<R: Read + Send>(stream: R) -> usize {
 /// (manifests, and what tests compare).
 pub fn read_location(location: &str, opts: &ReadOptions) -> Result<Vec<u8>> {
     let shard_err = |source| Error::Shard { shard: location.to_string(), source };
-    if spec::is_url(location) {
+    if http::is_url(location) {
         let mut body = Vec::new();
         HttpReader::open(location, opts, 0).and_then(|mut r| r.read_to_end(&mut body)).map_err(shard_err)?;
         Ok(body)

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use super::folder::load_folder;
+use super::http::is_url;
 use super::manifest::{Manifest, is_manifest};
 use super::{ReadOptions, Shard};
 use crate::error::{Error, Result};
@@ -118,12 +119,6 @@ fn expand_into(spec: &str, s: &str, out: &mut Vec<String>) -> Result<()> {
         out.extend(rest.into_iter().map(|r| format!("{prefix}{r}")));
     }
     Ok(())
-}
-
-/// Whether a spec is an `http://` or `https://` URL.
-pub(crate) fn is_url(spec: &str) -> bool {
-    let lower = spec.get(..8).unwrap_or(spec).to_ascii_lowercase();
-    lower.starts_with("http://") || lower.starts_with("https://")
 }
 
 /// Turns one existing local path into shards: a tar file, a `.jsonl` captions file, or a directory with a

@@ -33,8 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use crate::decode::grid;
 use crate::error::{Error, Result, SampleError};
+use crate::patch::grid;
 use crate::rng::{derive, hash_str, mix64};
 use crate::sample::{Candidate, Decoded, Scored};
 use crate::stage::BatchStage;

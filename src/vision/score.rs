@@ -20,12 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::cam;
-use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, grid, renormalise};
+use crate::decode::{IMAGENET_MEAN, IMAGENET_STD, renormalise};
 use crate::device::IntraOp;
 use crate::error::{DropReason, Error, Result, SampleError};
 use crate::model::efficientnet_lite::{self, EfficientNetLite, LiteVariant};
 use crate::model::mobilenet_v2::{self, MobileNetV2};
 use crate::model::vit::ViT;
+use crate::patch::grid;
 use crate::rng::{SplitMix64, derive, hash_str};
 use crate::sample::{Candidate, Decoded, Scored};
 use crate::stage::{BatchStage, Stage};
