@@ -129,13 +129,12 @@ impl ReadSetup {
         }
     }
 
-    /// Index after the last sample task `t` reads from its shard.
+    /// Index after the last sample task `t` reads from its shard; `u32::MAX` reads to the shard's end.
     fn task_end(&self, t: u64) -> u32 {
+        const TO_THE_END: u32 = u32::MAX;
         match &self.tasks {
-            Tasks::Plan { .. } => SHARD_FAILED,
-            Tasks::Ranges(ranges) => {
-                ranges.get(self.task_pos(t).1 as usize).and_then(|r| r.end).unwrap_or(SHARD_FAILED)
-            }
+            Tasks::Plan { .. } => TO_THE_END,
+            Tasks::Ranges(ranges) => ranges.get(self.task_pos(t).1 as usize).and_then(|r| r.end).unwrap_or(TO_THE_END),
         }
     }
 
