@@ -26,8 +26,9 @@
 //! Loading ([`load`], [`load_bytes`], [`embedded`]) is strict: before any tensor is read, the safetensors header is
 //! checked against the tensors the model expects (names, shapes, `F32` dtype, byte ranges inside the file), and any
 //! missing, extra, misshaped, wrongly typed or truncated tensor fails with [`Error::Weights`] naming the file and
-//! the tensor. The weights are then applied with burn-store's [`SafetensorsStore`] and [`PyTorchToBurnAdapter`]
-//! (which transposes the Linear weight and maps BatchNorm `weight`/`bias` to `gamma`/`beta`).
+//! the tensor. The weights are then applied with burn-store's [`SafetensorsStore`](burn::store::SafetensorsStore)
+//! and [`PyTorchToBurnAdapter`](burn::store::PyTorchToBurnAdapter) (which transposes the Linear weight and maps
+//! BatchNorm `weight`/`bias` to `gamma`/`beta`).
 //!
 //! The embedded weights are torchvision's `MobileNet_V2_Weights.IMAGENET1K_V1` (BSD-3-Clause, see
 //! `fixtures/mobilenet_v2/LICENSE-torchvision`).
