@@ -1,5 +1,5 @@
 //! The patch grid of a square input and the ViT patch layout: [`grid`], [`patchify`] (normalised pixels → the
-//! kept patches `[K, 3·P·P]` a batch carries) and its inverse [`unpatchify`] (what `juicer show` draws).
+//! kept patches `[K, 3·P·P]` a batch carries) and its inverse [`unpatchify`] (to look at what pruning kept).
 //!
 //! A leaf: the decode stage, the sample lifecycle (`Pruned → JuicedSample`), the scorers and the score cache all
 //! index patches the same way through this module, and it depends on none of them.

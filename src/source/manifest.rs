@@ -68,10 +68,11 @@ pub fn is_manifest(spec: &str) -> bool {
 
 /// `rel` resolved against the folder of `base` (a path or an `http(s)://` URL), unless it is absolute already.
 fn join(base: &str, rel: &str) -> String {
-    if super::http::is_url(rel) || rel.contains("://") || Path::new(rel).is_absolute() {
+    // Any URL (`http(s)://`, `s3://`, `file://`, ...) contains "://".
+    if rel.contains("://") || Path::new(rel).is_absolute() {
         return rel.to_string();
     }
-    if super::http::is_url(base) || base.contains("://") {
+    if base.contains("://") {
         let dir = base.rsplit_once('/').map_or(base, |(d, _)| d);
         return format!("{dir}/{rel}");
     }
